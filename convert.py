@@ -149,13 +149,14 @@ def write_gguf_tokenizer(path: Path, meta: dict, out: Path):
     if pre not in GGUF_PRETOKENIZERS:
         raise ConversionError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(GGUF_PRETOKENIZERS)}")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    special = [{"id": i, "content": tok, "special": True} for i, (tok, kind) in enumerate(zip(tokens, types))
-               if kind == gguf.TokenType.CONTROL]
+    special = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+               for i, (tok, kind) in enumerate(zip(tokens, types)) if kind == gguf.TokenType.CONTROL]
     tokenizer = {
         "added_tokens": special,
         "normalizer": None,
         "pre_tokenizer": GGUF_PRETOKENIZERS[pre],
-        "decoder": {"type": "ByteLevel"},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "vocab": {tok: i for i, tok in enumerate(tokens)},
                   "merges": list(meta["tokenizer.ggml.merges"])},
     }

@@ -106,8 +106,8 @@ class KVCache(nn.Module):
         self.v_cache.index_copy_(2, input_pos, v)
         if q.shape[2] > 1:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        valid = self.slot_pos[None, :] <= input_pos[:, None]  # [1, T]: slots written so far (slot == position)
-        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=valid, enable_gqa=True)
+        valid = self.slot_pos <= input_pos  # [T]: slots written so far (slot index == position)
+        return decode_attention(q, self.k_cache, self.v_cache, valid)[0]
 
     def nbytes(self) -> int:
         """Bytes held by the K/V buffers."""
@@ -228,6 +228,22 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """One query per sequence: softmax(q k^T / sqrt(D), masked to `valid` slots) v, with GQA.
+
+    q [B, H, 1, D]; k, v [B, Hkv, T, D]; valid [T] or [B, Hkv, T] bool. Query head h = g * G + j
+    reads KV head g (G = H / Hkv), so q is viewed as [B, Hkv, G, D] and K/V are never repeated.
+    Returns the output [B, H, 1, D] and the probabilities [B, Hkv, G, T] (float32)."""
+    B, H, _, D = q.shape
+    n_kv_heads = k.shape[1]
+    q = q.view(B, n_kv_heads, H // n_kv_heads, D)  # [B, Hkv, G, D]
+    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, T]
+    scores = scores.masked_fill(~valid.unsqueeze(-2), -float("inf"))
+    probs = torch.softmax(scores, dim=-1)
+    y = probs.to(v.dtype) @ v  # [B, Hkv, G, D]
+    return y.view(B, H, 1, D), probs
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:

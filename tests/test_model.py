@@ -139,8 +139,9 @@ def test_stories260k_reproduces_llama2c_golden_output(tmp_path):
     convert_hf(folder, tmp_path / "stories")
     model = load_model(tmp_path / "stories", "cpu", torch.float32)
     tokenizer = load_tokenizer(tmp_path / "stories")
-    model.setup_caches(1, 256)
-    tokens, _ = generate(model, torch.tensor([[tokenizer.bos_id]]), 255, tokenizer.eos_ids)
+    model.setup_caches(1, 257)
+    # llama2.c `run -n 256`: forward at positions 0..255, one sampled token each, stop at BOS (= 1)
+    tokens, _ = generate(model, torch.tensor([[tokenizer.bos_id]]), 256, tokenizer.eos_ids)
     golden = (folder / "golden_greedy_from_bos.txt").read_text()
     assert tokenizer.decode([t for t in tokens if t not in tokenizer.eos_ids]) == golden.rstrip("\n")
 
@@ -160,3 +161,14 @@ def test_compiled_decode_equals_eager_without_recompiling(tmp_path):
     compiled, _ = generate(ours, prompt, 33, decode_step=compiled_step)  # 32 decode steps
     assert compiled == eager
     assert counters["stats"]["unique_graphs"] == 1  # one graph for all 32 steps: no recompilation
+
+
+def test_gguf_tokenizer_matches_hf_tokenizers(smollm2_checkpoint):
+    """convert.py's tokenizer.json loads in Hugging Face `tokenizers` and encodes like tokenizer.py."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from tokenizer import load_tokenizer
+
+    text = "The pass key is 40512.  Remember it: a  12, x.5, it's 2024!\n\n<|im_start|>user\nhi<|im_end|>"
+    expected = HFTokenizer.from_file(str(smollm2_checkpoint / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert load_tokenizer(smollm2_checkpoint).encode(text) == expected
