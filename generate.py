@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from arkv import ARKV, ARKVConfig, METHODS, OQ_POLICIES, FORMATS, PAPER_GAMMA, PAPER_TAU
 from model import ModelArgs, Transformer, full_cache
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -103,12 +104,16 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, tempe
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, eos_ids: list[int] = (),
              temperature: float = 0.0, top_k: int | None = None, prefill_step: Callable = prefill,
-             decode_step: Callable = decode_one_token, on_token: Callable[[int], None] | None = None) -> tuple[list[int], dict]:
+             decode_step: Callable = decode_one_token, on_token: Callable[[int], None] | None = None,
+             after_prefill: Callable[[], None] | None = None) -> tuple[list[int], dict]:
     """Prefill `prompt` [1, S], then decode up to `max_new_tokens` tokens, stopping at an EOS id.
 
-    The caches must be set up. Returns the new token ids and timings (seconds)."""
+    The caches must be set up; `after_prefill` runs once the prompt is in them (ARKV compresses
+    there). Returns the new token ids and timings (seconds)."""
     start = time.perf_counter()
     token = prefill_step(model, prompt, temperature, top_k)
+    if after_prefill:
+        after_prefill()
     tokens = [int(token)]
     times = {"ttft": time.perf_counter() - start}
     if on_token:
@@ -185,7 +190,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
+    kv = parser.add_argument_group("KV cache (ARKV and baselines, see arkv.py)")
+    kv.add_argument("--kv-budget", type=kv_budget, help="per layer and KV head: N tokens of full-precision K+V, "
+                    "or N%% of the prompt; without it the full cache is used")
+    kv.add_argument("--method", default="arkv", choices=["full", *METHODS])
+    kv.add_argument("--oq-policy", default="paper", choices=OQ_POLICIES, help="how ARKV sets each layer's Original share")
+    kv.add_argument("--window", type=positive_int, default=32, help="recent tokens always kept Original")
+    kv.add_argument("--kv-quant", default="int4", choices=list(FORMATS), help="format of Quantized tokens")
+    kv.add_argument("--gamma", type=non_negative_float, default=PAPER_GAMMA, help="weight of the attention variance in token scores")
+    kv.add_argument("--tau", type=positive_float, nargs=3, default=list(PAPER_TAU), metavar=("T1", "T2", "T3"),
+                    help="exponents 1/tau of entropy, variance, kurtosis in the layer score")
     return parser
+
+
+def kv_budget(text: str) -> int | float:
+    """'512' -> 512 tokens; '25%' -> 0.25 (a fraction of the prompt, resolved once it is tokenized)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count or a percentage like 25%, got {text}") from None
+    if not value > 0 or (isinstance(value, float) and value > 1):
+        raise argparse.ArgumentTypeError(f"expected a positive token count or a percentage in (0, 100], got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -231,7 +264,13 @@ def run(opts: argparse.Namespace):
     max_new_tokens = min(opts.max_new_tokens, context - len(ids))
     if max_new_tokens < opts.max_new_tokens:
         print(f"note: --max-new-tokens reduced to {max_new_tokens} to fit the model context of {context}", file=sys.stderr)
-    model.setup_caches(1, len(ids) + max_new_tokens, full_cache)
+    manager = None
+    if opts.kv_budget is not None and opts.method != "full":
+        budget = opts.kv_budget if isinstance(opts.kv_budget, int) else max(1, round(opts.kv_budget * len(ids)))
+        config = ARKVConfig(kv_budget=budget, method=opts.method, oq_policy=opts.oq_policy, window=opts.window,
+                            kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau))
+        manager = ARKV(config, model.args, dtype)
+    model.setup_caches(1, len(ids) + max_new_tokens, manager.cache_factory if manager else full_cache)
     decode_step, prefill_step = decode_one_token, prefill
     if opts.compile:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
@@ -240,7 +279,7 @@ def run(opts: argparse.Namespace):
         prefill_step = torch.compile(prefill, dynamic=True)
     prompt = torch.tensor([ids], device=device)
     tokens, times = generate(model, prompt, max_new_tokens, tokenizer.eos_ids, opts.temperature, opts.top_k,
-                             prefill_step, decode_step, stream_printer(tokenizer))
+                             prefill_step, decode_step, stream_printer(tokenizer), manager and manager.compress)
     print()
     rate = times["decode_tokens"] / times["decode"] if times["decode"] > 0 else float("nan")
     print(f"prompt: {len(ids)} tokens, generated: {len(tokens)} tokens", file=sys.stderr)
@@ -249,6 +288,21 @@ def run(opts: argparse.Namespace):
     print(f"decode: {rate:.2f} tokens/s over {times['decode_tokens']} steps", file=sys.stderr)
     print(peak_memory_line(device), file=sys.stderr)
     print(f"KV cache: {model.cache_nbytes() / 2**20:.2f} MiB allocated", file=sys.stderr)
+    if manager:
+        print_kv_report(manager.report(len(ids) + len(tokens) - 1), opts.method)
+
+
+def print_kv_report(report: dict, method: str):
+    """Bytes and token states measured from the stored cache state."""
+    mib = 2**20
+    print(f"KV memory ({method}): held {report['held_bytes'] / mib:.2f} MiB, allocated {report['allocated_bytes'] / mib:.2f} MiB; "
+          f"full cache for the same sequence {report['full_bytes'] / mib:.2f} MiB; "
+          f"ratio allocated/full {report['allocated_bytes'] / report['full_bytes']:.3f}", file=sys.stderr)
+    total = report["original"] + report["quantized"] + report["evicted"]
+    print(f"tokens x KV heads x layers: Original {report['original']} ({report['original'] / total:.1%}), "
+          f"Quantized {report['quantized']} ({report['quantized'] / total:.1%}), "
+          f"Evicted {report['evicted']} ({report['evicted'] / total:.1%})", file=sys.stderr)
+    print("Original share per layer: " + " ".join(f"{share:.2f}" for share in report["shares"]), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,16 @@ def run_main(main, argv, capsys) -> str:
     (["--dtype", "float8"], "--dtype"),
     (["--device", "tpu:banana"], "--device"),
     (["--prompt", "a", "--prompt-file", "b"], "not allowed with"),
+    (["--kv-budget", "0"], "--kv-budget"),
+    (["--kv-budget", "lots"], "--kv-budget"),
+    (["--kv-budget", "150%"], "--kv-budget"),
+    (["--kv-budget", "-5"], "--kv-budget"),
+    (["--method", "snapkv"], "--method"),
+    (["--kv-quant", "int3"], "--kv-quant"),
+    (["--oq-policy", "greedy"], "--oq-policy"),
+    (["--window", "-1"], "--window"),
+    (["--gamma", "-1"], "--gamma"),
+    (["--tau", "1", "0", "1"], "--tau"),
 ])
 def test_bad_flags(argv, expected, capsys):
     assert expected in run_main(generate.main, argv, capsys)
@@ -76,3 +86,8 @@ def test_convert_folder_without_weights(tmp_path, capsys):
 
 def test_convert_missing_source(tmp_path, capsys):
     assert "not a Hugging Face checkpoint folder" in run_main(convert.main, [str(tmp_path / "x.bin")], capsys)
+
+
+def test_budget_smaller_than_window(smollm2_checkpoint, capsys):
+    argv = ["--checkpoint", str(smollm2_checkpoint), "--kv-budget", "16", "--window", "32", "--max-new-tokens", "2"]
+    assert "smaller than the window 32" in run_main(generate.main, argv, capsys)

@@ -1,0 +1,552 @@
+"""ARKV: a tri-state KV cache (Original / Quantized / Evicted) under a real memory budget.
+
+Method: Lei & Ilager, "ARKV", arXiv 2603.08727 (2026). This file holds the whole method and reads
+in its order: configuration -> quantization formats -> prefill statistics (entropy, variance,
+kurtosis) -> per-layer Original share -> byte budgets -> token scores -> tri-state assignment ->
+decode-time demotion -> mixed-precision attention -> the cache module and its manager.
+
+Memory layout. Each layer owns one byte arena per (batch row, KV head) of exactly `kv_budget` tokens
+of full-precision K+V. The Original region grows from the front of the arena (slots of
+`bytes_original`), the Quantized region occupies the back (slots of `bytes_quantized`). Both are
+views of the same bytes, so a layer's Original:Quantized split is data (two capacity tensors), not
+a shape: the arena has one static shape for every layer and every prompt, and the compiled decode
+step never recompiles nor allocates cache memory. The price is that decode attention scans both
+views of the arena and masks what is not live.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import ModelArgs
+
+METHODS = ("arkv", "evict", "quant", "streaming", "h2o")
+OQ_POLICIES = ("paper", "coverage")
+PAPER_TAU = (7.774, 5.407, 5.528)  # tau1 (entropy), tau2 (variance), tau3 (kurtosis), tuned in the paper
+PAPER_GAMMA = 263.8
+
+
+@dataclass
+class ARKVConfig:
+    """`kv_budget`: per layer and KV head, the bytes of this many full-precision tokens (K and V)."""
+    kv_budget: int
+    method: str = "arkv"
+    oq_policy: str = "paper"
+    window: int = 32
+    kv_quant: str = "int4"
+    gamma: float = PAPER_GAMMA
+    tau: tuple[float, float, float] = PAPER_TAU
+    pool_kernel: int = 5
+    sinks: int = 4
+    int4_group: int = 32
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method}: expected one of full, {', '.join(METHODS)}")
+        if self.oq_policy not in OQ_POLICIES:
+            raise ValueError(f"--oq-policy {self.oq_policy}: expected one of {', '.join(OQ_POLICIES)}")
+        if self.kv_quant not in FORMATS:
+            raise ValueError(f"--kv-quant {self.kv_quant}: expected one of {', '.join(FORMATS)}")
+        if self.window < 1:
+            raise ValueError(f"--window {self.window}: expected an integer >= 1")
+        if self.kv_budget < self.window:
+            raise ValueError(f"--kv-budget {self.kv_budget} is smaller than the window {self.window}")
+        if self.method == "streaming" and self.kv_budget < self.window + self.sinks:
+            raise ValueError(f"--kv-budget {self.kv_budget}: streaming needs window + {self.sinks} sink tokens")
+        if self.gamma < 0 or min(self.tau) <= 0:
+            raise ValueError("--gamma must be >= 0 and every --tau > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization formats. A quantized token stores, for K and for V, a payload (uint8 bytes) and
+# per-token (fp8, int8) or per-group (int4) float metadata, all counted in `bytes_quantized`.
+
+
+class Fp8:
+    """FP8 e4m3 with one float32 scale per token: s = max|x| / 448, x ~ e4m3(x / s) * s.
+    Relative error <= 2^-4 for normal values (3 mantissa bits)."""
+    meta_dtype = torch.float32
+
+    @staticmethod
+    def payload_bytes(head_dim: int) -> int:
+        return head_dim
+
+    @staticmethod
+    def meta_count(head_dim: int) -> int:
+        return 1
+
+    @staticmethod
+    def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+        amax = x.abs().amax(-1, keepdim=True).float()
+        scale = torch.where(amax > 0, amax / 448.0, 1.0)  # [..., 1]
+        payload = (x.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+        return payload, scale
+
+    @staticmethod
+    def dequantize(payload: Tensor, meta: Tensor) -> Tensor:
+        return payload.view(torch.float8_e4m3fn).float() * meta
+
+
+class Int8:
+    """Symmetric int8 with one float32 scale per token: s = max|x| / 127, q = round(x / s).
+    Elementwise error <= s / 2."""
+    meta_dtype = torch.float32
+    payload_bytes, meta_count = Fp8.payload_bytes, Fp8.meta_count
+
+    @staticmethod
+    def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+        amax = x.abs().amax(-1, keepdim=True).float()
+        scale = torch.where(amax > 0, amax / 127.0, 1.0)  # [..., 1]
+        q = torch.round(x.float() / scale).clamp(-127, 127)
+        return q.to(torch.int8).view(torch.uint8), scale
+
+    @staticmethod
+    def dequantize(payload: Tensor, meta: Tensor) -> Tensor:
+        return payload.view(torch.int8).float() * meta
+
+
+class Int4:
+    """Asymmetric 4-bit per group of 32 channels (KIVI-style), two values packed per byte, float16
+    scale and zero point: s = (max - min) / 15, q = round((x - z) / s) in [0, 15], x ~ q s + z.
+    The float16 zero is rounded down and the scale up, so every x lies in [z, z + 15 s] and the
+    elementwise error is <= s / 2."""
+    meta_dtype = torch.float16
+    group = 32
+
+    @staticmethod
+    def payload_bytes(head_dim: int) -> int:
+        return head_dim // 2
+
+    @classmethod
+    def meta_count(cls, head_dim: int) -> int:
+        return 2 * (head_dim // cls.group)
+
+    @classmethod
+    def quantize(cls, x: Tensor) -> tuple[Tensor, Tensor]:
+        groups = x.float().unflatten(-1, (-1, cls.group))  # [..., D/g, g]
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # [..., D/g, 1]
+        zero = lo.half()
+        zero = torch.where(zero.float() > lo, zero.nextafter(torch.tensor(-torch.inf, dtype=torch.half)), zero)
+        scale = ((hi - zero.float()) / 15).half()
+        scale = torch.where(zero.float() + 15 * scale.float() < hi, scale.nextafter(torch.tensor(torch.inf, dtype=torch.half)), scale)
+        safe_scale = torch.where(scale > 0, scale.float(), 1.0)
+        q = torch.round((groups - zero.float()) / safe_scale).clamp(0, 15).to(torch.uint8).flatten(-2)  # [..., D]
+        payload = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., D/2]
+        return payload, torch.cat([scale, zero], dim=-1).flatten(-2)  # meta [..., D/g * 2]
+
+    @classmethod
+    def dequantize(cls, payload: Tensor, meta: Tensor) -> Tensor:
+        q = torch.stack([payload & 15, payload >> 4], dim=-1).flatten(-2).float()  # [..., D]
+        scale, zero = meta.float().unflatten(-1, (-1, 2)).unbind(-1)  # [..., D/g] each
+        return (q.unflatten(-1, (-1, cls.group)) * scale[..., None] + zero[..., None]).flatten(-2)
+
+
+FORMATS = {"fp8": Fp8, "int8": Int8, "int4": Int4}
+
+
+def bytes_per_token(fmt, head_dim: int, dtype: torch.dtype | None) -> int:
+    """Bytes of one token's K and V: full precision when `dtype` is given, else in format `fmt`."""
+    if dtype is not None:
+        return 2 * head_dim * dtype.itemsize
+    return 2 * fmt.payload_bytes(head_dim) + 2 * fmt.meta_count(head_dim) * fmt.meta_dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill statistics from the last W queries (never the full T x T attention).
+
+
+def window_probabilities(q: Tensor, k: Tensor, window: int) -> Tensor:
+    """Attention probabilities of the last `window` queries over all keys, causal.
+
+    q [B, H, T, D], k [B, Hkv, T, D] -> [B, Hkv, G, W, T] (float32)."""
+    B, H, T, D = q.shape
+    n_kv_heads, W = k.shape[1], min(window, T)
+    q_win = q[:, :, T - W:].reshape(B, n_kv_heads, H // n_kv_heads, W, D)  # [B, Hkv, G, W, D]
+    scores = (q_win.float() @ k.float().transpose(-1, -2)[:, :, None]) * D**-0.5  # [B, Hkv, G, W, T]
+    query_pos = torch.arange(T - W, T, device=q.device)
+    future = torch.arange(T, device=q.device)[None, :] > query_pos[:, None]  # [W, T]
+    return torch.softmax(scores.masked_fill(future, -torch.inf), dim=-1)
+
+
+def layer_statistics(probs: Tensor, window: int) -> tuple[float, float, float]:
+    """Entropy H, variance V and Pearson kurtosis K of the window's attention over the keys before
+    the window (paper section 3.1). Means replace sums: that rescales every layer alike."""
+    prefix = probs[..., : probs.shape[-1] - window].double()  # [B, Hkv, G, W, T - W]
+    rows = prefix / prefix.sum(-1, keepdim=True).clamp_min(1e-300)
+    entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1).mean()
+    variance = prefix.var(dim=-2, unbiased=False)  # across the window queries, per key
+    fourth = ((prefix - prefix.mean(dim=-2, keepdim=True)) ** 4).mean(dim=-2)
+    live = variance > 0  # keys no window query attends to have no kurtosis
+    kurtosis = torch.where(live, fourth / variance.clamp_min(1e-150) ** 2, 0.0).sum() / live.sum().clamp_min(1)
+    return entropy.item(), variance.mean().item(), kurtosis.item()
+
+
+def oq_score(stats: tuple[float, float, float], tau: tuple[float, float, float]) -> float:
+    """q_l = H^(1/tau1) * V^(1/tau2) * K^(1/tau3); a higher score keeps more tokens Original."""
+    return math.prod(max(s, 1e-30) ** (1 / t) for s, t in zip(stats, tau))
+
+
+def token_statistics(probs: Tensor, gamma: float, pool_kernel: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Heavy-hitter score per key and KV head: mean + gamma * variance of its attention over the
+    window queries, average-pooled along the sequence (kernel 5), averaged over the GQA group.
+
+    probs [B, Hkv, G, W, T] -> (mean, variance, pooled score), each [B, Hkv, T]."""
+    mean = probs.mean(dim=-2).mean(dim=2)  # [B, Hkv, T]
+    variance = probs.var(dim=-2, unbiased=False).mean(dim=2)  # [B, Hkv, T]
+    score = mean + gamma * variance
+    pooled = F.avg_pool1d(score.flatten(0, 1)[:, None], pool_kernel, stride=1, padding=pool_kernel // 2,
+                          count_include_pad=False)  # [B * Hkv, 1, T]
+    return mean, variance, pooled.view_as(score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Original share per layer, and the byte budget it turns into.
+
+
+def original_shares(scores: list[float], config: ARKVConfig, seq_len: int, slots: "SlotGeometry") -> list[float]:
+    """rho_l in [0, 1]: the share of the non-window budget a layer keeps at full precision.
+
+    paper: rho_l = q_l / max_j q_j. coverage: first keep every token (window Original, the rest
+    Quantized); the Original upgrades that the bytes left over still allow go to the layers in
+    proportion to q_l / max_j q_j. evict/streaming/h2o keep Original only (rho 1), quant rho 0."""
+    if config.method in ("evict", "streaming", "h2o"):
+        return [1.0] * len(scores)
+    if config.method == "quant":
+        return [0.0] * len(scores)
+    top = max(scores)
+    relative = [s / top for s in scores]
+    if config.oq_policy == "paper":
+        return relative
+    spare = slots.max_original_upgrades(seq_len)
+    return [r * spare / (config.kv_budget - config.window) for r in relative]
+
+
+@dataclass
+class SlotGeometry:
+    """Slots of one arena: `original_slots` full-precision slots or `quantized_slots` quantized ones."""
+    kv_budget: int
+    window: int
+    bytes_original: int
+    bytes_quantized: int
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.kv_budget * self.bytes_original
+
+    @property
+    def quantized_slots(self) -> int:
+        return self.arena_bytes // self.bytes_quantized
+
+    def capacities(self, rho: float) -> tuple[int, int]:
+        """C_o = W + round(rho (N - W)); C_q = the quantized slots wholly behind the Original region,
+        so C_o * bytes_original + C_q * bytes_quantized <= N * bytes_original."""
+        c_o = self.window + round(rho * (self.kv_budget - self.window))
+        c_q = self.quantized_slots - math.ceil(c_o * self.bytes_original / self.bytes_quantized)
+        return c_o, max(c_q, 0)
+
+    def max_original_upgrades(self, seq_len: int) -> int:
+        """The most tokens beyond the window that can be Original while every token still fits."""
+        best = 0
+        for extra in range(self.kv_budget - self.window + 1):
+            c_o, c_q = self.capacities(extra / (self.kv_budget - self.window))
+            if c_o + c_q < seq_len:
+                break
+            best = extra
+        return best
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache of one layer.
+
+
+class ARKVCache(nn.Module):
+    """One layer's tri-state cache; `forward(q, k, v, input_pos)` is the interface of model.KVCache.
+
+    Per slot it keeps the token's absolute position (-1: empty) and its score statistics
+    (mean, variance, count): running over about W decode queries for ARKV, a plain sum for H2O, the
+    position itself for StreamingLLM."""
+
+    def __init__(self, manager: "ARKV", batch_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.manager, self.config, self.fmt = manager, manager.config, FORMATS[manager.config.kv_quant]
+        self.head_dim, self.dtype = head_dim, dtype
+        self.slots = manager.slots
+        B, N, M = batch_size, self.slots.kv_budget, self.slots.quantized_slots
+        self.register_buffer("arena", torch.zeros(B, n_kv_heads, self.slots.arena_bytes, dtype=torch.uint8), persistent=False)
+        self.register_buffer("o_pos", torch.full((B, n_kv_heads, N), -1), persistent=False)
+        self.register_buffer("q_pos", torch.full((B, n_kv_heads, M), -1), persistent=False)
+        self.register_buffer("o_stats", torch.zeros(B, n_kv_heads, N, 3), persistent=False)
+        self.register_buffer("q_stats", torch.zeros(B, n_kv_heads, M, 3), persistent=False)
+        self.register_buffer("o_capacity", torch.tensor(N), persistent=False)
+        self.register_buffer("q_first", torch.tensor(M), persistent=False)  # first slot of the Quantized region
+        self.pending: dict | None = None
+
+    # Views of the arena: [B, Hkv, N, 2, D] Original K/V, and per quantized slot its payload bytes
+    # [B, Hkv, M, 2, P] and float metadata [B, Hkv, M, 2, m].
+    def original_view(self) -> Tensor:
+        B, Hkv, _ = self.arena.shape
+        return self.arena.view(self.dtype).view(B, Hkv, self.slots.kv_budget, 2, self.head_dim)
+
+    def quantized_views(self) -> tuple[Tensor, Tensor]:
+        B, Hkv, _ = self.arena.shape
+        M, size = self.slots.quantized_slots, self.slots.bytes_quantized
+        P, m = self.fmt.payload_bytes(self.head_dim), self.fmt.meta_count(self.head_dim)
+        slots = self.arena[..., : M * size].view(B, Hkv, M, size)  # [B, Hkv, M, bytes_quantized]
+        payload = slots[..., : 2 * P].unflatten(-1, (2, P))  # [B, Hkv, M, 2, P]
+        meta = slots[..., 2 * P:].view(self.fmt.meta_dtype).unflatten(-1, (2, m))  # [B, Hkv, M, 2, m]
+        return payload, meta
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        if q.shape[2] > 1:
+            return self.prefill(q, k, v)
+        return self.decode(q, k, v, input_pos)
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Full causal attention over the prompt; keep K/V and the window statistics until the
+        manager, having seen every layer, assigns the three states (`ARKV.compress`)."""
+        probs = window_probabilities(q, k, self.config.window)  # [B, Hkv, G, W, T]
+        mean, variance, score = token_statistics(probs, self.config.gamma, self.config.pool_kernel)
+        T = k.shape[2]
+        stats = layer_statistics(probs, self.config.window) if T > self.config.window else (1.0, 1.0, 1.0)
+        self.pending = dict(k=k, v=v, mean=mean, variance=variance, score=score, count=probs.shape[-2], stats=stats)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    # -- tri-state assignment after prefill --------------------------------------------------
+    @torch.no_grad()
+    def assign(self, c_o: int, c_q: int):
+        """Window -> Original; best scores -> Original up to C_o; next -> Quantized up to C_q; the
+        rest evicted. Selections are written in position order."""
+        p = self.pending
+        k, v = p["k"], p["v"]
+        B, Hkv, T, _ = k.shape
+        positions = torch.arange(T, device=k.device).expand(B, Hkv, T)
+        key = self.selection_key(p["score"], positions, T)
+        order = key.argsort(dim=-1, descending=True, stable=True)
+        n_o, n_q = min(c_o, T), min(c_q, max(T - c_o, 0))
+        o_sel = order[..., :n_o].sort(dim=-1).values  # [B, Hkv, n_o] positions
+        q_sel = order[..., n_o:n_o + n_q].sort(dim=-1).values  # [B, Hkv, n_q]
+        initial = self.initial_stats(p, positions)  # [B, Hkv, T, 3]
+
+        def take(x: Tensor, sel: Tensor) -> Tensor:  # x [B, Hkv, T, ...] at positions sel [B, Hkv, n]
+            return x.gather(2, sel.view(*sel.shape, *([1] * (x.dim() - 3))).expand(*sel.shape, *x.shape[3:]))
+
+        kv = torch.stack([k, v], dim=3)  # [B, Hkv, T, 2, D]
+        self.o_pos.fill_(-1)
+        self.q_pos.fill_(-1)
+        self.o_stats.zero_()
+        self.q_stats.zero_()
+        self.original_view()[:, :, :n_o] = take(kv, o_sel).to(self.dtype)
+        self.o_pos[..., :n_o] = o_sel
+        self.o_stats[:, :, :n_o] = take(initial, o_sel)
+        q_first = self.slots.quantized_slots - c_q
+        if n_q:
+            payload, meta = self.fmt.quantize(take(kv, q_sel))
+            payload_view, meta_view = self.quantized_views()
+            payload_view[:, :, q_first:q_first + n_q] = payload
+            meta_view[:, :, q_first:q_first + n_q] = meta
+            self.q_pos[..., q_first:q_first + n_q] = q_sel
+            self.q_stats[:, :, q_first:q_first + n_q] = take(initial, q_sel)
+        self.o_capacity.fill_(c_o)
+        self.q_first.fill_(q_first)
+        self.pending = None
+
+    def selection_key(self, score: Tensor, positions: Tensor, T: int) -> Tensor:
+        """Higher keys are kept first: the window always; sinks then recency for StreamingLLM."""
+        key = positions.float() if self.config.method == "streaming" else score
+        protected = positions >= T - self.config.window
+        if self.config.method == "streaming":
+            protected = protected | (positions < self.config.sinks)
+        return key.masked_fill(protected, torch.inf)
+
+    def initial_stats(self, pending: dict, positions: Tensor) -> Tensor:
+        """Per-token (mean, variance, count) seeding the decode-time scores: [B, Hkv, T, 3]."""
+        mean, variance, count = pending["mean"], pending["variance"], pending["count"]
+        if self.config.method == "h2o":
+            mean, variance = mean * count, torch.zeros_like(variance)
+        if self.config.method == "streaming":
+            mean = positions.float().masked_fill(positions < self.config.sinks, torch.inf)
+            variance = torch.zeros_like(variance)
+        return torch.stack([mean, variance, torch.full_like(mean, count)], dim=-1)
+
+    def slot_score(self, stats: Tensor) -> Tensor:
+        """The score a slot competes with: mean + gamma * variance (ARKV, evict, quant), the
+        accumulated attention (H2O), the position (StreamingLLM)."""
+        if self.config.method in ("h2o", "streaming"):
+            return stats[..., 0]
+        return stats[..., 0] + self.config.gamma * stats[..., 1]
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """Place the new token (demoting or evicting one), then attend over the tri-state cache
+        and update the slot scores with this step's attention."""
+        self.place(torch.stack([k, v], dim=3), input_pos)  # kv [B, Hkv, 1, 2, D]
+        y, probs = self.attend(q)
+        self.update_stats(probs)
+        return y
+
+    def place(self, new_kv: Tensor, input_pos: Tensor):
+        """The new token takes a free Original slot; with none free, the weakest Original token
+        outside the window (the token leaving the window included) is demoted: quantized once
+        into a free Quantized slot, or over the weakest Quantized token if that one scores lower
+        (which is evicted), else evicted itself."""
+        window, inf = self.config.window, torch.inf
+        o_slot = torch.arange(self.o_pos.shape[-1], device=input_pos.device)
+        o_score = self.slot_score(self.o_stats)
+        o_key = torch.where(self.o_pos > input_pos - window, inf, o_score)  # window tokens stay
+        o_key = torch.where(self.o_pos < 0, -inf, o_key).masked_fill(o_slot >= self.o_capacity, inf)
+        victim = o_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+        victim_pos = self.o_pos.gather(2, victim)  # [B, Hkv, 1]
+        if self.slots.quantized_slots and self.config.method in ("arkv", "quant"):
+            victim_stats = self.o_stats.gather(2, victim[..., None].expand(-1, -1, -1, 3))  # [B, Hkv, 1, 3]
+            victim_kv = gather_slots(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
+            q_slot = torch.arange(self.q_pos.shape[-1], device=input_pos.device)
+            q_key = torch.where(self.q_pos < 0, -inf, self.slot_score(self.q_stats)).masked_fill(q_slot < self.q_first, inf)
+            target = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+            demote = (victim_pos >= 0) & (q_key.gather(2, target) < self.slot_score(victim_stats))  # [B, Hkv, 1]
+            payload, meta = self.fmt.quantize(victim_kv)
+            payload_view, meta_view = self.quantized_views()
+            keep = demote[..., None, None]
+            scatter_slots(payload_view, target, torch.where(keep, payload, gather_slots(payload_view, target)))
+            scatter_slots(meta_view, target, torch.where(keep, meta, gather_slots(meta_view, target)))
+            self.q_pos.scatter_(2, target, torch.where(demote, victim_pos, self.q_pos.gather(2, target)))
+            old_stats = self.q_stats.gather(2, target[..., None].expand(-1, -1, -1, 3))
+            scatter_slots(self.q_stats, target, torch.where(demote[..., None], victim_stats, old_stats))
+        scatter_slots(self.original_view(), victim, new_kv.to(self.dtype))
+        self.o_pos.scatter_(2, victim, input_pos.expand_as(victim))
+        fresh = torch.zeros_like(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
+        if self.config.method == "streaming":
+            fresh[..., 0] = input_pos.float()
+        scatter_slots(self.o_stats, victim, fresh)
+
+    def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixed-precision attention: softmax over Original scores and scores against dequantized
+        Quantized keys together, masked to live slots (keys carry RoPE, so slot order is free).
+
+        q [B, H, 1, D] -> output [B, H, 1, D], probabilities [B, Hkv, G, N (+ M)]."""
+        B, H, _, D = q.shape
+        kv_o = self.original_view()
+        n_kv_heads = kv_o.shape[1]
+        qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
+        live_o = (self.o_pos >= 0)[..., None, :]  # [B, Hkv, 1, N]
+        scores = [qg @ kv_o[:, :, :, 0].float().transpose(-1, -2)]  # [B, Hkv, G, N]
+        values, live = [kv_o[:, :, :, 1].float()], [live_o]
+        if self.has_quantized:
+            payload, meta = self.quantized_views()
+            kv_q = self.fmt.dequantize(payload, meta)  # [B, Hkv, M, 2, D]
+            scores.append(qg @ kv_q[:, :, :, 0].transpose(-1, -2))  # [B, Hkv, G, M]
+            values.append(kv_q[:, :, :, 1])
+            live.append((self.q_pos >= 0)[..., None, :])
+        live = torch.cat(live, dim=-1)  # [B, Hkv, 1, N + M]
+        scores = torch.cat(scores, dim=-1).mul(D**-0.5).masked_fill(~live, -torch.inf)
+        probs = torch.softmax(scores, dim=-1)  # [B, Hkv, G, N + M]
+        y, start = 0, 0
+        for value in values:
+            end = start + value.shape[2]
+            safe = torch.where(live[..., start:end].transpose(-1, -2), value, 0.0)  # garbage bytes -> 0
+            y = y + probs[..., start:end] @ safe
+            start = end
+        return y.to(q.dtype).view(B, H, 1, D), probs
+
+    @property
+    def has_quantized(self) -> bool:
+        return self.slots.quantized_slots > 0 and self.config.method in ("arkv", "quant")
+
+    def update_stats(self, probs: Tensor):
+        """Running mean and variance of each slot's attention (averaged over the GQA group) over
+        about the last W decode queries: weight max(1 / (n + 1), 1 / W) (Welford, then EMA);
+        H2O adds the attention instead; StreamingLLM keeps the position."""
+        if self.config.method == "streaming":
+            return
+        attention = probs.mean(dim=2)  # [B, Hkv, N + M]
+        N = self.o_stats.shape[2]
+        for stats, pos, a in ((self.o_stats, self.o_pos, attention[..., :N]), (self.q_stats, self.q_pos, attention[..., N:])):
+            if a.shape[-1] == 0:
+                continue
+            mean, variance, count = stats.unbind(-1)
+            if self.config.method == "h2o":
+                new = torch.stack([mean + a, variance, count + 1], dim=-1)
+            else:
+                weight = torch.maximum(1.0 / (count + 1), torch.tensor(1.0 / self.config.window))
+                delta = a - mean
+                new = torch.stack([mean + weight * delta, (1 - weight) * (variance + weight * delta**2), count + 1], dim=-1)
+            stats.copy_(torch.where((pos >= 0)[..., None], new, stats))
+
+    def counts(self) -> tuple[int, int]:
+        """(Original, Quantized) tokens held, counted from the stored positions."""
+        return int((self.o_pos >= 0).sum()), int((self.q_pos >= 0).sum())
+
+    def nbytes(self) -> int:
+        """Bytes of K/V storage allocated (the arena)."""
+        return self.arena.nbytes
+
+
+def gather_slots(x: Tensor, slot: Tensor) -> Tensor:
+    """x [B, Hkv, S, ...] at one slot per (B, Hkv), slot [B, Hkv, 1] -> [B, Hkv, 1, ...]."""
+    index = slot.view(*slot.shape, *([1] * (x.dim() - 3))).expand(*slot.shape, *x.shape[3:])
+    return x.gather(2, index)
+
+
+def scatter_slots(x: Tensor, slot: Tensor, value: Tensor):
+    """Write value [B, Hkv, 1, ...] into x [B, Hkv, S, ...] at slot [B, Hkv, 1], in place."""
+    index = slot.view(*slot.shape, *([1] * (x.dim() - 3))).expand_as(value)
+    x.scatter_(2, index, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager: builds every layer's cache, and after prefill turns the statistics into budgets.
+
+
+class ARKV:
+    """`setup_caches(..., cache_factory=arkv.cache_factory)`, prefill, then `compress()`."""
+
+    def __init__(self, config: ARKVConfig, args: ModelArgs, dtype: torch.dtype):
+        self.config, self.args = config, args
+        fmt = FORMATS[config.kv_quant]
+        if args.head_dim % (2 * Int4.group if config.kv_quant == "int4" else 2):
+            raise ValueError(f"--kv-quant {config.kv_quant}: head_dim {args.head_dim} is not supported")
+        self.slots = SlotGeometry(config.kv_budget, config.window, bytes_per_token(fmt, args.head_dim, dtype),
+                                  bytes_per_token(fmt, args.head_dim, None))
+        self.caches: list[ARKVCache] = []
+        self.seq_len = 0
+        self.shares: list[float] = []
+
+    def cache_factory(self, layer: int, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> ARKVCache:
+        if layer == 0:
+            self.caches = []
+        self.max_seq_len = max_seq_len
+        cache = ARKVCache(self, batch_size, args.n_kv_heads, args.head_dim, dtype)
+        self.caches.append(cache)
+        return cache
+
+    @torch.no_grad()
+    def compress(self):
+        """Per-layer Original share from the prefill statistics, then the tri-state assignment.
+        A budget that holds the whole sequence keeps everything Original (output equals `full`)."""
+        seq_len = self.caches[0].pending["k"].shape[2]
+        scores = [oq_score(cache.pending["stats"], self.config.tau) for cache in self.caches]
+        if self.config.kv_budget >= self.max_seq_len:
+            self.shares = [1.0] * len(scores)
+        else:
+            self.shares = original_shares(scores, self.config, self.max_seq_len, self.slots)
+        for cache, rho in zip(self.caches, self.shares):
+            cache.assign(*self.slots.capacities(rho))
+        self.seq_len = seq_len
+
+    def report(self, seq_len: int) -> dict:
+        """Measured from the stored state: tokens per state and bytes held vs a full cache."""
+        original = quantized = 0
+        for cache in self.caches:
+            o, q = cache.counts()
+            original, quantized = original + o, quantized + q
+        B, Hkv = self.caches[0].o_pos.shape[:2]
+        total = seq_len * B * Hkv * len(self.caches)
+        full_bytes = total * self.slots.bytes_original
+        held = original * self.slots.bytes_original + quantized * self.slots.bytes_quantized
+        allocated = sum(cache.nbytes() for cache in self.caches)
+        return dict(original=original, quantized=quantized, evicted=total - original - quantized,
+                    held_bytes=held, allocated_bytes=allocated, full_bytes=full_bytes, shares=list(self.shares))
