@@ -47,7 +47,7 @@ class ARKVConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"--method {self.method}: expected one of full, {', '.join(METHODS)}")
+            raise ValueError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
         if self.oq_policy not in OQ_POLICIES:
             raise ValueError(f"--oq-policy {self.oq_policy}: expected one of {', '.join(OQ_POLICIES)}")
         if self.kv_quant not in FORMATS:
@@ -222,6 +222,8 @@ def original_shares(scores: list[float], config: ARKVConfig, seq_len: int, slots
     relative = [s / top for s in scores]
     if config.oq_policy == "paper":
         return relative
+    if config.kv_budget == config.window:
+        return [0.0] * len(scores)  # nothing beyond the window to share
     spare = slots.max_original_upgrades(seq_len)
     return [r * spare / (config.kv_budget - config.window) for r in relative]
 
@@ -286,20 +288,38 @@ class ARKVCache(nn.Module):
         self.register_buffer("q_first", torch.tensor(M), persistent=False)  # first slot of the Quantized region
         self.pending: dict | None = None
 
-    # Views of the arena: [B, Hkv, N, 2, D] Original K/V, and per quantized slot its payload bytes
-    # [B, Hkv, M, 2, P] and float metadata [B, Hkv, M, 2, m].
-    def original_view(self) -> Tensor:
+    # Views of the arena. Reads go through typed views: [B, Hkv, N, 2, D] Original K/V, and per
+    # quantized slot its payload [B, Hkv, M, 2, P] and float metadata [B, Hkv, M, 2, m]. Writes go
+    # through byte views only ([B, Hkv, slots, bytes per slot]): a CPU scatter through a float16 or
+    # bfloat16 view rewrites (and NaN-normalises) the whole tensor, which would corrupt the bytes
+    # that the other region reads as a different type.
+    def original_bytes(self) -> Tensor:
         B, Hkv, _ = self.arena.shape
-        return self.arena.view(self.dtype).view(B, Hkv, self.slots.kv_budget, 2, self.head_dim)
+        return self.arena.view(B, Hkv, self.slots.kv_budget, self.slots.bytes_original)
 
-    def quantized_views(self) -> tuple[Tensor, Tensor]:
+    def quantized_bytes(self) -> Tensor:
         B, Hkv, _ = self.arena.shape
         M, size = self.slots.quantized_slots, self.slots.bytes_quantized
+        return self.arena[..., : M * size].view(B, Hkv, M, size)
+
+    def original_view(self) -> Tensor:
+        return self.original_bytes().view(self.dtype).unflatten(-1, (2, self.head_dim))
+
+    def quantized_views(self) -> tuple[Tensor, Tensor]:
         P, m = self.fmt.payload_bytes(self.head_dim), self.fmt.meta_count(self.head_dim)
-        slots = self.arena[..., : M * size].view(B, Hkv, M, size)  # [B, Hkv, M, bytes_quantized]
+        slots = self.quantized_bytes()
         payload = slots[..., : 2 * P].unflatten(-1, (2, P))  # [B, Hkv, M, 2, P]
         meta = slots[..., 2 * P:].view(self.fmt.meta_dtype).unflatten(-1, (2, m))  # [B, Hkv, M, 2, m]
         return payload, meta
+
+    def original_slot_bytes(self, kv: Tensor) -> Tensor:
+        """kv [B, Hkv, n, 2, D] -> its bytes in the cache dtype [B, Hkv, n, bytes_original]."""
+        return kv.to(self.dtype).contiguous().view(torch.uint8).flatten(-2)
+
+    def quantized_slot_bytes(self, kv: Tensor) -> Tensor:
+        """kv [B, Hkv, n, 2, D] -> quantized once: payload then metadata bytes [B, Hkv, n, bytes_quantized]."""
+        payload, meta = self.fmt.quantize(kv)
+        return torch.cat([payload.flatten(-2), meta.contiguous().view(torch.uint8).flatten(-2)], dim=-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         if q.shape[2] > 1:
@@ -340,15 +360,12 @@ class ARKVCache(nn.Module):
         self.q_pos.fill_(-1)
         self.o_stats.zero_()
         self.q_stats.zero_()
-        self.original_view()[:, :, :n_o] = take(kv, o_sel).to(self.dtype)
+        self.original_bytes()[:, :, :n_o] = self.original_slot_bytes(take(kv, o_sel))
         self.o_pos[..., :n_o] = o_sel
         self.o_stats[:, :, :n_o] = take(initial, o_sel)
         q_first = self.slots.quantized_slots - c_q
         if n_q:
-            payload, meta = self.fmt.quantize(take(kv, q_sel))
-            payload_view, meta_view = self.quantized_views()
-            payload_view[:, :, q_first:q_first + n_q] = payload
-            meta_view[:, :, q_first:q_first + n_q] = meta
+            self.quantized_bytes()[:, :, q_first:q_first + n_q] = self.quantized_slot_bytes(take(kv, q_sel))
             self.q_pos[..., q_first:q_first + n_q] = q_sel
             self.q_stats[:, :, q_first:q_first + n_q] = take(initial, q_sel)
         self.o_capacity.fill_(c_o)
@@ -408,19 +425,17 @@ class ARKVCache(nn.Module):
             q_key = torch.where(self.q_pos < 0, -inf, self.slot_score(self.q_stats)).masked_fill(q_slot < self.q_first, inf)
             target = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
             demote = (victim_pos >= 0) & (q_key.gather(2, target) < self.slot_score(victim_stats))  # [B, Hkv, 1]
-            payload, meta = self.fmt.quantize(victim_kv)
-            payload_view, meta_view = self.quantized_views()
-            keep = demote[..., None, None]
-            scatter_slots(payload_view, target, torch.where(keep, payload, gather_slots(payload_view, target)))
-            scatter_slots(meta_view, target, torch.where(keep, meta, gather_slots(meta_view, target)))
+            slot_bytes = self.quantized_bytes()
+            old_bytes = gather_slots(slot_bytes, target)
+            scatter_slots(slot_bytes, target, torch.where(demote[..., None], self.quantized_slot_bytes(victim_kv), old_bytes))
             self.q_pos.scatter_(2, target, torch.where(demote, victim_pos, self.q_pos.gather(2, target)))
             old_stats = self.q_stats.gather(2, target[..., None].expand(-1, -1, -1, 3))
             scatter_slots(self.q_stats, target, torch.where(demote[..., None], victim_stats, old_stats))
-        scatter_slots(self.original_view(), victim, new_kv.to(self.dtype))
+        scatter_slots(self.original_bytes(), victim, self.original_slot_bytes(new_kv))
         self.o_pos.scatter_(2, victim, input_pos.expand_as(victim))
         fresh = torch.zeros_like(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
         if self.config.method == "streaming":
-            fresh[..., 0] = input_pos.float()
+            fresh[..., 0] = torch.where(input_pos < self.config.sinks, torch.inf, input_pos.float())
         scatter_slots(self.o_stats, victim, fresh)
 
     def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:

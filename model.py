@@ -134,14 +134,15 @@ class Transformer(nn.Module):
         self.max_seq_len = -1
 
     def setup_caches(self, batch_size: int, max_seq_len: int, cache_factory: CacheFactory = full_cache):
-        """Allocate every layer's cache once and the RoPE table for `max_seq_len` positions."""
+        """Allocate every layer's cache for sequences of up to `max_seq_len` tokens, and the RoPE
+        table for the whole model context (one shape for every prompt, so nothing recompiles)."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model context {self.args.max_seq_len}")
         weight = self.output.weight
         with torch.device(weight.device):
             for i, layer in enumerate(self.layers):
                 layer.attention.kv_cache = cache_factory(i, self.args, batch_size, max_seq_len, weight.dtype)
-            cos, sin = rope_table(self.args, max_seq_len)
+            cos, sin = rope_table(self.args, self.args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.max_seq_len = max_seq_len
