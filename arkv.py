@@ -43,7 +43,6 @@ class ARKVConfig:
     tau: tuple[float, float, float] = PAPER_TAU
     pool_kernel: int = 5
     sinks: int = 4
-    int4_group: int = 32
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -230,7 +229,8 @@ def original_shares(scores: list[float], config: ARKVConfig, seq_len: int, slots
 
 @dataclass
 class SlotGeometry:
-    """Slots of one arena: `original_slots` full-precision slots or `quantized_slots` quantized ones."""
+    """One arena of `kv_budget` full-precision tokens, read as Original slots from the front and as
+    `quantized_slots` Quantized slots; a layer's split between them comes from its Original share."""
     kv_budget: int
     window: int
     bytes_original: int
@@ -273,11 +273,11 @@ class ARKVCache(nn.Module):
     (mean, variance, count): running over about W decode queries for ARKV, a plain sum for H2O, the
     position itself for StreamingLLM."""
 
-    def __init__(self, manager: "ARKV", batch_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, config: ARKVConfig, slots: SlotGeometry, batch_size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype):
         super().__init__()
-        self.manager, self.config, self.fmt = manager, manager.config, FORMATS[manager.config.kv_quant]
+        self.config, self.slots, self.fmt = config, slots, FORMATS[config.kv_quant]
         self.head_dim, self.dtype = head_dim, dtype
-        self.slots = manager.slots
         B, N, M = batch_size, self.slots.kv_budget, self.slots.quantized_slots
         self.register_buffer("arena", torch.zeros(B, n_kv_heads, self.slots.arena_bytes, dtype=torch.uint8), persistent=False)
         self.register_buffer("o_pos", torch.full((B, n_kv_heads, N), -1), persistent=False)
@@ -527,14 +527,14 @@ class ARKV:
         self.slots = SlotGeometry(config.kv_budget, config.window, bytes_per_token(fmt, args.head_dim, dtype),
                                   bytes_per_token(fmt, args.head_dim, None))
         self.caches: list[ARKVCache] = []
-        self.seq_len = 0
         self.shares: list[float] = []
+        self.max_seq_len = 0
 
     def cache_factory(self, layer: int, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> ARKVCache:
         if layer == 0:
             self.caches = []
         self.max_seq_len = max_seq_len
-        cache = ARKVCache(self, batch_size, args.n_kv_heads, args.head_dim, dtype)
+        cache = ARKVCache(self.config, self.slots, batch_size, args.n_kv_heads, args.head_dim, dtype)
         self.caches.append(cache)
         return cache
 
@@ -542,7 +542,6 @@ class ARKV:
     def compress(self):
         """Per-layer Original share from the prefill statistics, then the tri-state assignment.
         A budget that holds the whole sequence keeps everything Original (output equals `full`)."""
-        seq_len = self.caches[0].pending["k"].shape[2]
         scores = [oq_score(cache.pending["stats"], self.config.tau) for cache in self.caches]
         if self.config.kv_budget >= self.max_seq_len:
             self.shares = [1.0] * len(scores)
@@ -550,7 +549,6 @@ class ARKV:
             self.shares = original_shares(scores, self.config, self.max_seq_len, self.slots)
         for cache, rho in zip(self.caches, self.shares):
             cache.assign(*self.slots.capacities(rho))
-        self.seq_len = seq_len
 
     def report(self, seq_len: int) -> dict:
         """Measured from the stored state: tokens per state and bytes held vs a full cache."""

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv = parser.add_argument_group("KV cache (ARKV and baselines, see arkv.py)")
     kv.add_argument("--kv-budget", type=kv_budget, help="per layer and KV head: N tokens of full-precision K+V, "
                     "or N%% of the prompt; without it the full cache is used")
-    kv.add_argument("--method", default="arkv", choices=["full", *METHODS])
+    kv.add_argument("--method", choices=["full", *METHODS], help="default: arkv with --kv-budget, else full")
     kv.add_argument("--oq-policy", default="paper", choices=OQ_POLICIES, help="how ARKV sets each layer's Original share")
     kv.add_argument("--window", type=positive_int, default=32, help="recent tokens always kept Original")
     kv.add_argument("--kv-quant", default="int4", choices=list(FORMATS), help="format of Quantized tokens")
@@ -264,10 +264,13 @@ def run(opts: argparse.Namespace):
     max_new_tokens = min(opts.max_new_tokens, context - len(ids))
     if max_new_tokens < opts.max_new_tokens:
         print(f"note: --max-new-tokens reduced to {max_new_tokens} to fit the model context of {context}", file=sys.stderr)
+    method = opts.method or ("arkv" if opts.kv_budget is not None else "full")
+    if method != "full" and opts.kv_budget is None:
+        raise CheckpointError(f"--method {method} needs --kv-budget")
     manager = None
-    if opts.kv_budget is not None and opts.method != "full":
+    if method != "full":
         budget = opts.kv_budget if isinstance(opts.kv_budget, int) else max(1, round(opts.kv_budget * len(ids)))
-        config = ARKVConfig(kv_budget=budget, method=opts.method, oq_policy=opts.oq_policy, window=opts.window,
+        config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=opts.window,
                             kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau))
         manager = ARKV(config, model.args, dtype)
     model.setup_caches(1, len(ids) + max_new_tokens, manager.cache_factory if manager else full_cache)
@@ -289,7 +292,7 @@ def run(opts: argparse.Namespace):
     print(peak_memory_line(device), file=sys.stderr)
     print(f"KV cache: {model.cache_nbytes() / 2**20:.2f} MiB allocated", file=sys.stderr)
     if manager:
-        print_kv_report(manager.report(len(ids) + len(tokens) - 1), opts.method)
+        print_kv_report(manager.report(len(ids) + len(tokens) - 1), method)
 
 
 def print_kv_report(report: dict, method: str):
