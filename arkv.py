@@ -418,7 +418,7 @@ class ARKVCache(nn.Module):
         o_key = torch.where(self.o_pos < 0, -inf, o_key).masked_fill(o_slot >= self.o_capacity, inf)
         victim = o_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
         victim_pos = self.o_pos.gather(2, victim)  # [B, Hkv, 1]
-        if self.slots.quantized_slots and self.config.method in ("arkv", "quant"):
+        if self.has_quantized:
             victim_stats = self.o_stats.gather(2, victim[..., None].expand(-1, -1, -1, 3))  # [B, Hkv, 1, 3]
             victim_kv = gather_slots(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
             q_slot = torch.arange(self.q_pos.shape[-1], device=input_pos.device)
