@@ -425,18 +425,25 @@ class ARKVCache(nn.Module):
             q_key = torch.where(self.q_pos < 0, -inf, self.slot_score(self.q_stats)).masked_fill(q_slot < self.q_first, inf)
             target = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
             demote = (victim_pos >= 0) & (q_key.gather(2, target) < self.slot_score(victim_stats))  # [B, Hkv, 1]
-            slot_bytes = self.quantized_bytes()
-            old_bytes = gather_slots(slot_bytes, target)
-            scatter_slots(slot_bytes, target, torch.where(demote[..., None], self.quantized_slot_bytes(victim_kv), old_bytes))
+            old_bytes = gather_slots(self.quantized_bytes(), target)
+            new_bytes = torch.where(demote[..., None], self.quantized_slot_bytes(victim_kv), old_bytes)
+            self.write_slot(target, self.slots.bytes_quantized, new_bytes)
             self.q_pos.scatter_(2, target, torch.where(demote, victim_pos, self.q_pos.gather(2, target)))
             old_stats = self.q_stats.gather(2, target[..., None].expand(-1, -1, -1, 3))
             scatter_slots(self.q_stats, target, torch.where(demote[..., None], victim_stats, old_stats))
-        scatter_slots(self.original_bytes(), victim, self.original_slot_bytes(new_kv))
+        self.write_slot(victim, self.slots.bytes_original, self.original_slot_bytes(new_kv))
         self.o_pos.scatter_(2, victim, input_pos.expand_as(victim))
         fresh = torch.zeros_like(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
         if self.config.method == "streaming":
             fresh[..., 0] = torch.where(input_pos < self.config.sinks, torch.inf, input_pos.float())
         scatter_slots(self.o_stats, victim, fresh)
+
+    def write_slot(self, slot: Tensor, slot_size: int, value: Tensor):
+        """Write one slot's bytes value [B, Hkv, 1, slot_size] at slot [B, Hkv, 1] of the arena read
+        as slots of `slot_size` bytes: an in-place scatter on the arena itself, so the compiled step
+        touches only those bytes."""
+        index = slot * slot_size + torch.arange(slot_size, device=slot.device)  # [B, Hkv, slot_size]
+        self.arena.scatter_(2, index, value.flatten(2))
 
     def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Mixed-precision attention: softmax over Original scores and scores against dequantized
