@@ -419,7 +419,7 @@ class ARKVCache(nn.Module):
         victim = o_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
         victim_pos = self.o_pos.gather(2, victim)  # [B, Hkv, 1]
         if self.has_quantized:
-            victim_stats = self.o_stats.gather(2, victim[..., None].expand(-1, -1, -1, 3))  # [B, Hkv, 1, 3]
+            victim_stats = gather_slots(self.o_stats, victim)  # [B, Hkv, 1, 3]
             victim_kv = gather_slots(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
             q_slot = torch.arange(self.q_pos.shape[-1], device=input_pos.device)
             q_key = torch.where(self.q_pos < 0, -inf, self.slot_score(self.q_stats)).masked_fill(q_slot < self.q_first, inf)
@@ -429,7 +429,7 @@ class ARKVCache(nn.Module):
             new_bytes = torch.where(demote[..., None], self.quantized_slot_bytes(victim_kv), old_bytes)
             self.write_slot(target, self.slots.bytes_quantized, new_bytes)
             self.q_pos.scatter_(2, target, torch.where(demote, victim_pos, self.q_pos.gather(2, target)))
-            old_stats = self.q_stats.gather(2, target[..., None].expand(-1, -1, -1, 3))
+            old_stats = gather_slots(self.q_stats, target)
             scatter_slots(self.q_stats, target, torch.where(demote[..., None], victim_stats, old_stats))
         self.write_slot(victim, self.slots.bytes_original, self.original_slot_bytes(new_kv))
         self.o_pos.scatter_(2, victim, input_pos.expand_as(victim))
@@ -493,7 +493,7 @@ class ARKVCache(nn.Module):
             if self.config.method == "h2o":
                 new = torch.stack([mean + a, variance, count + 1], dim=-1)
             else:
-                weight = torch.maximum(1.0 / (count + 1), torch.tensor(1.0 / self.config.window))
+                weight = (1.0 / (count + 1)).clamp_min(1.0 / self.config.window)
                 delta = a - mean
                 new = torch.stack([mean + weight * delta, (1 - weight) * (variance + weight * delta**2), count + 1], dim=-1)
             stats.copy_(torch.where((pos >= 0)[..., None], new, stats))
