@@ -23,10 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
 from model import ModelArgs
 
 METHODS = ("arkv", "evict", "quant", "streaming", "h2o")
 OQ_POLICIES = ("paper", "coverage")
+ATTENTION = ("torch", "triton")
 PAPER_TAU = (7.774, 5.407, 5.528)  # tau1 (entropy), tau2 (variance), tau3 (kurtosis), tuned in the paper
 PAPER_GAMMA = 263.8
 
@@ -43,6 +45,7 @@ class ARKVConfig:
     tau: tuple[float, float, float] = PAPER_TAU
     pool_kernel: int = 5
     sinks: int = 4
+    attention: str = "torch"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -51,6 +54,10 @@ class ARKVConfig:
             raise ValueError(f"--oq-policy {self.oq_policy}: expected one of {', '.join(OQ_POLICIES)}")
         if self.kv_quant not in FORMATS:
             raise ValueError(f"--kv-quant {self.kv_quant}: expected one of {', '.join(FORMATS)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"--attention {self.attention}: expected one of {', '.join(ATTENTION)}")
+        if self.attention == "triton" and not kernels.available():
+            raise ValueError("--attention triton: Triton is not installed (pip install triton)")
         if self.window < 1:
             raise ValueError(f"--window {self.window}: expected an integer >= 1")
         if self.kv_budget < self.window:
@@ -159,30 +166,32 @@ def bytes_per_token(fmt, head_dim: int, dtype: torch.dtype | None) -> int:
 # Prefill statistics from the last W queries (never the full T x T attention).
 
 
-def window_probabilities(q: Tensor, k: Tensor, window: int) -> Tensor:
-    """Attention probabilities of the last `window` queries over all keys, causal.
+def window_probabilities(q: Tensor, keys: Tensor, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+    """Attention probabilities of the window queries over candidate keys, causal by position.
 
-    q [B, H, T, D], k [B, Hkv, T, D] -> [B, Hkv, G, W, T] (float32)."""
-    B, H, T, D = q.shape
-    n_kv_heads, W = k.shape[1], min(window, T)
-    q_win = q[:, :, T - W:].reshape(B, n_kv_heads, H // n_kv_heads, W, D)  # [B, Hkv, G, W, D]
-    scores = (q_win.float() @ k.float().transpose(-1, -2)[:, :, None]) * D**-0.5  # [B, Hkv, G, W, T]
-    query_pos = torch.arange(T - W, T, device=q.device)
-    future = torch.arange(T, device=q.device)[None, :] > query_pos[:, None]  # [W, T]
-    return torch.softmax(scores.masked_fill(future, -torch.inf), dim=-1)
+    q [B, H, W, D] (the last W queries) at positions query_pos [W]; keys [B, Hkv, T, D] at
+    key_pos [B, Hkv, T] (-1: no token) -> [B, Hkv, G, W, T] (float32)."""
+    B, H, W, D = q.shape
+    n_kv_heads = keys.shape[1]
+    q_win = q.reshape(B, n_kv_heads, H // n_kv_heads, W, D)  # [B, Hkv, G, W, D]
+    scores = (q_win.float() @ keys.float().transpose(-1, -2)[:, :, None]) * D**-0.5  # [B, Hkv, G, W, T]
+    hidden = (key_pos[:, :, None, :] > query_pos[:, None]) | (key_pos[:, :, None, :] < 0)  # [B, Hkv, W, T]
+    return torch.softmax(scores.masked_fill(hidden[:, :, None], -torch.inf), dim=-1)
 
 
-def layer_statistics(probs: Tensor, window: int) -> tuple[float, float, float]:
+def layer_statistics(probs: Tensor, before_window: Tensor) -> tuple[float, float, float]:
     """Entropy H, variance V and Pearson kurtosis K of the window's attention over the keys before
-    the window (paper section 3.1). Means replace sums: that rescales every layer alike."""
-    prefix = probs[..., : probs.shape[-1] - window].double()  # [B, Hkv, G, W, T - W]
+    the window (`before_window` [B, Hkv, T], paper section 3.1). Means replace sums: that rescales
+    every layer alike."""
+    prefix = probs.double() * before_window[:, :, None, None]  # [B, Hkv, G, W, T], other keys 0
     rows = prefix / prefix.sum(-1, keepdim=True).clamp_min(1e-300)
     entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1).mean()
-    variance = prefix.var(dim=-2, unbiased=False)  # across the window queries, per key
+    variance = prefix.var(dim=-2, unbiased=False)  # [B, Hkv, G, T]: across the window queries, per key
     fourth = ((prefix - prefix.mean(dim=-2, keepdim=True)) ** 4).mean(dim=-2)
+    keys = before_window[:, :, None].expand_as(variance).sum().clamp_min(1)
     live = variance > 0  # keys no window query attends to have no kurtosis
     kurtosis = torch.where(live, fourth / variance.clamp_min(1e-150) ** 2, 0.0).sum() / live.sum().clamp_min(1)
-    return entropy.item(), variance.mean().item(), kurtosis.item()
+    return entropy.item(), (variance.sum() / keys).item(), kurtosis.item()
 
 
 def oq_score(stats: tuple[float, float, float], tau: tuple[float, float, float]) -> float:
@@ -305,9 +314,10 @@ class ARKVCache(nn.Module):
     def original_view(self) -> Tensor:
         return self.original_bytes().view(self.dtype).unflatten(-1, (2, self.head_dim))
 
-    def quantized_views(self) -> tuple[Tensor, Tensor]:
+    def quantized_views(self, empty: bool = False) -> tuple[Tensor, Tensor]:
+        """Payload [B, Hkv, M, 2, P] and metadata [B, Hkv, M, 2, m]; no slots when `empty`."""
         P, m = self.fmt.payload_bytes(self.head_dim), self.fmt.meta_count(self.head_dim)
-        slots = self.quantized_bytes()
+        slots = self.quantized_bytes()[:, :, : 0 if empty else None]
         payload = slots[..., : 2 * P].unflatten(-1, (2, P))  # [B, Hkv, M, 2, P]
         meta = slots[..., 2 * P:].view(self.fmt.meta_dtype).unflatten(-1, (2, m))  # [B, Hkv, M, 2, m]
         return payload, meta
@@ -323,62 +333,114 @@ class ARKVCache(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         if q.shape[2] > 1:
-            return self.prefill(q, k, v)
+            return self.prefill(q, k, v, input_pos)
         return self.decode(q, k, v, input_pos)
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Full causal attention over the prompt; keep K/V and the window statistics until the
-        manager, having seen every layer, assigns the three states (`ARKV.compress`)."""
-        probs = window_probabilities(q, k, self.config.window)  # [B, Hkv, G, W, T]
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """Causal attention over the prompt (or a chunk of it, after the tokens the cache holds);
+        keep the chunk's K/V and the window statistics of every candidate token until the manager,
+        having seen every layer, assigns the three states (`ARKV.compress`).
+
+        Candidates are the held tokens then the chunk's, sorted by position (empty slots last), so
+        that pooling runs along the sequence and the window is the last W positions."""
+        B, H, S, D = q.shape
+        n_kv_heads, window = k.shape[1], self.config.window
+        chunk_pos = input_pos.expand(B, n_kv_heads, S)
+        if int(input_pos[0]) == 0:  # a new sequence: nothing held
+            keys, key_pos, order = k, chunk_pos, None
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            held_kv, held_pos = self.held_tokens()  # [B, Hkv, N + M, 2, D], [B, Hkv, N + M]
+            keys = torch.cat([held_kv[:, :, :, 0], k.float()], dim=2)  # [B, Hkv, N + M + S, D]
+            values = torch.cat([held_kv[:, :, :, 1], v.float()], dim=2)  # [B, Hkv, N + M + S, D]
+            unsorted_pos = torch.cat([held_pos, chunk_pos], dim=-1)  # [B, Hkv, N + M + S]
+            visible = (unsorted_pos[:, :, None] <= input_pos[:, None]) & (unsorted_pos[:, :, None] >= 0)  # [B, Hkv, S, T]
+            mask = visible.repeat_interleave(H // n_kv_heads, dim=1)  # [B, H, S, T]
+            y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, enable_gqa=True).to(q.dtype)
+            order = unsorted_pos.masked_fill(unsorted_pos < 0, torch.iinfo(unsorted_pos.dtype).max).argsort(dim=-1)
+            key_pos = unsorted_pos.gather(2, order)
+            keys = gather_rows(keys, order)
+        W, seq_len = min(window, S), int(input_pos[-1]) + 1
+        probs = window_probabilities(q[:, :, S - W:], keys, input_pos[S - W:], key_pos)  # [B, Hkv, G, W, T]
         mean, variance, score = token_statistics(probs, self.config.gamma, self.config.pool_kernel)
-        T = k.shape[2]
-        stats = layer_statistics(probs, self.config.window) if T > self.config.window else (1.0, 1.0, 1.0)
-        self.pending = dict(k=k, v=v, mean=mean, variance=variance, score=score, count=probs.shape[-2], stats=stats)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        before_window = (key_pos >= 0) & (key_pos < seq_len - window)
+        stats = layer_statistics(probs, before_window) if seq_len > window else (1.0, 1.0, 1.0)
+        self.pending = dict(k=k, v=v, pos=key_pos, order=order, seq_len=seq_len, mean=mean, variance=variance,
+                            score=score, count=W, stats=stats)
+        return y
+
+    def held_tokens(self) -> tuple[Tensor, Tensor]:
+        """Every slot's K/V in float32 (Quantized ones dequantized, empty ones 0) and position
+        (-1: empty): [B, Hkv, N + M, 2, D] and [B, Hkv, N + M]; M = 0 without a Quantized region."""
+        payload, meta = self.quantized_views(empty=not self.has_quantized)
+        kv = torch.cat([self.original_view().float(), self.fmt.dequantize(payload, meta)], dim=2)
+        pos = torch.cat([self.o_pos, self.q_pos[..., :payload.shape[2]]], dim=-1)
+        return torch.where(pos[..., None, None] >= 0, kv, 0.0), pos
+
+    def candidate_bytes(self, pending: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """For each candidate (in `pending` order): its bytes as an Original slot and as a
+        Quantized slot, and whether it is held Quantized already (it then keeps its bytes and can
+        never become Original again). [B, Hkv, T, bytes_original], [B, Hkv, T, bytes_quantized], [B, Hkv, T]."""
+        chunk_kv = torch.stack([pending["k"], pending["v"]], dim=3)  # [B, Hkv, S, 2, D]
+        as_original = self.original_slot_bytes(chunk_kv)
+        as_quantized = self.quantized_slot_bytes(chunk_kv) if self.has_quantized else as_original[..., :0]
+        order = pending["order"]
+        if order is None:
+            return as_original, as_quantized, torch.zeros_like(pending["pos"], dtype=torch.bool)
+        B, Hkv, N, _ = self.original_bytes().shape
+        M = self.quantized_views(empty=not self.has_quantized)[0].shape[2]
+        held_original = self.original_bytes()
+        as_original = torch.cat([held_original, held_original.new_zeros(B, Hkv, M, held_original.shape[-1]), as_original], dim=2)
+        if self.has_quantized:
+            from_original = self.quantized_slot_bytes(self.original_view())  # [B, Hkv, N, bytes_quantized]
+            as_quantized = torch.cat([from_original, self.quantized_bytes(), as_quantized], dim=2)
+        was_quantized = (order >= N) & (order < N + M)
+        return gather_rows(as_original, order), gather_rows(as_quantized, order) if self.has_quantized else as_quantized, was_quantized
 
     # -- tri-state assignment after prefill --------------------------------------------------
     @torch.no_grad()
     def assign(self, c_o: int, c_q: int):
         """Window -> Original; best scores -> Original up to C_o; next -> Quantized up to C_q; the
-        rest evicted. Selections are written in position order."""
+        rest evicted. A token held Quantized stays Quantized or is evicted. Selections are written
+        in position order; a capacity larger than the candidates leaves slots empty (-1)."""
         p = self.pending
-        k, v = p["k"], p["v"]
-        B, Hkv, T, _ = k.shape
-        positions = torch.arange(T, device=k.device).expand(B, Hkv, T)
-        key = self.selection_key(p["score"], positions, T)
-        order = key.argsort(dim=-1, descending=True, stable=True)
-        n_o, n_q = min(c_o, T), min(c_q, max(T - c_o, 0))
-        o_sel = order[..., :n_o].sort(dim=-1).values  # [B, Hkv, n_o] positions
-        q_sel = order[..., n_o:n_o + n_q].sort(dim=-1).values  # [B, Hkv, n_q]
-        initial = self.initial_stats(p, positions)  # [B, Hkv, T, 3]
-
-        def take(x: Tensor, sel: Tensor) -> Tensor:  # x [B, Hkv, T, ...] at positions sel [B, Hkv, n]
-            return x.gather(2, sel.view(*sel.shape, *([1] * (x.dim() - 3))).expand(*sel.shape, *x.shape[3:]))
-
-        kv = torch.stack([k, v], dim=3)  # [B, Hkv, T, 2, D]
+        pos = p["pos"]  # [B, Hkv, T] candidate positions, ascending, -1 (none) last
+        T = pos.shape[-1]
+        as_original, as_quantized, was_quantized = self.candidate_bytes(p)
+        key = self.selection_key(p["score"], pos, p["seq_len"])
+        initial = self.initial_stats(p, pos)  # [B, Hkv, T, 3]
+        o_key = key.masked_fill(was_quantized, -torch.inf)
+        o_sel = o_key.argsort(dim=-1, descending=True, stable=True)[..., :min(c_o, T)].sort(dim=-1).values  # [B, Hkv, n_o]
+        o_live = o_key.gather(2, o_sel) > -torch.inf
+        chosen = torch.zeros_like(was_quantized).scatter_(2, o_sel, o_live)
+        q_key = key.masked_fill(chosen, -torch.inf)
+        q_sel = q_key.argsort(dim=-1, descending=True, stable=True)[..., :min(c_q, T)].sort(dim=-1).values  # [B, Hkv, n_q]
+        q_live = q_key.gather(2, q_sel) > -torch.inf
         self.o_pos.fill_(-1)
         self.q_pos.fill_(-1)
         self.o_stats.zero_()
         self.q_stats.zero_()
-        self.original_bytes()[:, :, :n_o] = self.original_slot_bytes(take(kv, o_sel))
-        self.o_pos[..., :n_o] = o_sel
-        self.o_stats[:, :, :n_o] = take(initial, o_sel)
+        n_o, n_q = o_sel.shape[-1], q_sel.shape[-1]
+        self.original_bytes()[:, :, :n_o] = gather_rows(as_original, o_sel)
+        self.o_pos[..., :n_o] = pos.gather(2, o_sel).masked_fill(~o_live, -1)
+        self.o_stats[:, :, :n_o] = gather_rows(initial, o_sel)
         q_first = self.slots.quantized_slots - c_q
-        if n_q:
-            self.quantized_bytes()[:, :, q_first:q_first + n_q] = self.quantized_slot_bytes(take(kv, q_sel))
-            self.q_pos[..., q_first:q_first + n_q] = q_sel
-            self.q_stats[:, :, q_first:q_first + n_q] = take(initial, q_sel)
+        if n_q and self.has_quantized:
+            self.quantized_bytes()[:, :, q_first:q_first + n_q] = gather_rows(as_quantized, q_sel)
+            self.q_pos[..., q_first:q_first + n_q] = pos.gather(2, q_sel).masked_fill(~q_live, -1)
+            self.q_stats[:, :, q_first:q_first + n_q] = gather_rows(initial, q_sel)
         self.o_capacity.fill_(c_o)
         self.q_first.fill_(q_first)
         self.pending = None
 
-    def selection_key(self, score: Tensor, positions: Tensor, T: int) -> Tensor:
-        """Higher keys are kept first: the window always; sinks then recency for StreamingLLM."""
+    def selection_key(self, score: Tensor, positions: Tensor, seq_len: int) -> Tensor:
+        """Higher keys are kept first: the window always; sinks then recency for StreamingLLM;
+        never a missing candidate (position -1)."""
         key = positions.float() if self.config.method == "streaming" else score
-        protected = positions >= T - self.config.window
+        protected = positions >= seq_len - self.config.window
         if self.config.method == "streaming":
-            protected = protected | (positions < self.config.sinks)
-        return key.masked_fill(protected, torch.inf)
+            protected = protected | ((positions < self.config.sinks) & (positions >= 0))
+        return key.masked_fill(protected, torch.inf).masked_fill(positions < 0, -torch.inf)
 
     def initial_stats(self, pending: dict, positions: Tensor) -> Tensor:
         """Per-token (mean, variance, count) seeding the decode-time scores: [B, Hkv, T, 3]."""
@@ -419,17 +481,17 @@ class ARKVCache(nn.Module):
         victim = o_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
         victim_pos = self.o_pos.gather(2, victim)  # [B, Hkv, 1]
         if self.has_quantized:
-            victim_stats = gather_slots(self.o_stats, victim)  # [B, Hkv, 1, 3]
-            victim_kv = gather_slots(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
+            victim_stats = gather_rows(self.o_stats, victim)  # [B, Hkv, 1, 3]
+            victim_kv = gather_rows(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
             q_slot = torch.arange(self.q_pos.shape[-1], device=input_pos.device)
             q_key = torch.where(self.q_pos < 0, -inf, self.slot_score(self.q_stats)).masked_fill(q_slot < self.q_first, inf)
             target = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
             demote = (victim_pos >= 0) & (q_key.gather(2, target) < self.slot_score(victim_stats))  # [B, Hkv, 1]
-            old_bytes = gather_slots(self.quantized_bytes(), target)
+            old_bytes = gather_rows(self.quantized_bytes(), target)
             new_bytes = torch.where(demote[..., None], self.quantized_slot_bytes(victim_kv), old_bytes)
             self.write_slot(target, self.slots.bytes_quantized, new_bytes)
             self.q_pos.scatter_(2, target, torch.where(demote, victim_pos, self.q_pos.gather(2, target)))
-            old_stats = gather_slots(self.q_stats, target)
+            old_stats = gather_rows(self.q_stats, target)
             scatter_slots(self.q_stats, target, torch.where(demote[..., None], victim_stats, old_stats))
         self.write_slot(victim, self.slots.bytes_original, self.original_slot_bytes(new_kv))
         self.o_pos.scatter_(2, victim, input_pos.expand_as(victim))
@@ -446,33 +508,11 @@ class ARKVCache(nn.Module):
         self.arena.scatter_(2, index, value.flatten(2))
 
     def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """Mixed-precision attention: softmax over Original scores and scores against dequantized
-        Quantized keys together, masked to live slots (keys carry RoPE, so slot order is free).
-
-        q [B, H, 1, D] -> output [B, H, 1, D], probabilities [B, Hkv, G, N (+ M)]."""
-        B, H, _, D = q.shape
-        kv_o = self.original_view()
-        n_kv_heads = kv_o.shape[1]
-        qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
-        live_o = (self.o_pos >= 0)[..., None, :]  # [B, Hkv, 1, N]
-        scores = [qg @ kv_o[:, :, :, 0].float().transpose(-1, -2)]  # [B, Hkv, G, N]
-        values, live = [kv_o[:, :, :, 1].float()], [live_o]
-        if self.has_quantized:
-            payload, meta = self.quantized_views()
-            kv_q = self.fmt.dequantize(payload, meta)  # [B, Hkv, M, 2, D]
-            scores.append(qg @ kv_q[:, :, :, 0].transpose(-1, -2))  # [B, Hkv, G, M]
-            values.append(kv_q[:, :, :, 1])
-            live.append((self.q_pos >= 0)[..., None, :])
-        live = torch.cat(live, dim=-1)  # [B, Hkv, 1, N + M]
-        scores = torch.cat(scores, dim=-1).mul(D**-0.5).masked_fill(~live, -torch.inf)
-        probs = torch.softmax(scores, dim=-1)  # [B, Hkv, G, N + M]
-        y, start = 0, 0
-        for value in values:
-            end = start + value.shape[2]
-            safe = torch.where(live[..., start:end].transpose(-1, -2), value, 0.0)  # garbage bytes -> 0
-            y = y + probs[..., start:end] @ safe
-            start = end
-        return y.to(q.dtype).view(B, H, 1, D), probs
+        """q [B, H, 1, D] -> output [B, H, 1, D], probabilities [B, Hkv, G, N + M]."""
+        payload, meta = self.quantized_views() if self.has_quantized else self.quantized_views(empty=True)
+        attention = kernels.tristate_attention if self.config.attention == "triton" else mixed_precision_attention
+        return attention(q, self.original_view(), self.o_pos, payload, meta, self.q_pos[..., :payload.shape[2]],
+                         self.config.kv_quant)
 
     @property
     def has_quantized(self) -> bool:
@@ -507,16 +547,39 @@ class ARKVCache(nn.Module):
         return self.arena.nbytes
 
 
-def gather_slots(x: Tensor, slot: Tensor) -> Tensor:
-    """x [B, Hkv, S, ...] at one slot per (B, Hkv), slot [B, Hkv, 1] -> [B, Hkv, 1, ...]."""
-    index = slot.view(*slot.shape, *([1] * (x.dim() - 3))).expand(*slot.shape, *x.shape[3:])
-    return x.gather(2, index)
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, Hkv, T, ...] at index [B, Hkv, n] along dim 2 -> [B, Hkv, n, ...]."""
+    return x.gather(2, index.view(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:]))
 
 
 def scatter_slots(x: Tensor, slot: Tensor, value: Tensor):
     """Write value [B, Hkv, 1, ...] into x [B, Hkv, S, ...] at slot [B, Hkv, 1], in place."""
     index = slot.view(*slot.shape, *([1] * (x.dim() - 3))).expand_as(value)
     x.scatter_(2, index, value)
+
+
+def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, payload: Tensor, meta: Tensor,
+                              quantized_pos: Tensor, kv_quant: str) -> tuple[Tensor, Tensor]:
+    """Decode attention over a tri-state cache: one softmax over the scores against the Original
+    keys and against the dequantized Quantized keys, masked to live slots (position >= 0; keys
+    carry RoPE, so slot order is free). The PyTorch twin of `kernels.tristate_attention`.
+
+    q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P], meta [B, Hkv, M, 2, m];
+    original_pos [B, Hkv, N], quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities
+    [B, Hkv, G, N + M] (float32)."""
+    B, H, _, D = q.shape
+    N, n_kv_heads = kv_original.shape[2], kv_original.shape[1]
+    kv_q = FORMATS[kv_quant].dequantize(payload, meta)  # [B, Hkv, M, 2, D]
+    qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
+    scores = torch.cat([qg @ kv_original[:, :, :, 0].float().transpose(-1, -2),
+                        qg @ kv_q[:, :, :, 0].transpose(-1, -2)], dim=-1)  # [B, Hkv, G, N + M]
+    live = torch.cat([original_pos, quantized_pos], dim=-1)[:, :, None] >= 0  # [B, Hkv, 1, N + M]
+    probs = torch.softmax(scores.mul(D**-0.5).masked_fill(~live, -torch.inf), dim=-1)
+    y = 0
+    for value, p, pos in ((kv_original[:, :, :, 1].float(), probs[..., :N], original_pos),
+                          (kv_q[:, :, :, 1], probs[..., N:], quantized_pos)):
+        y = y + p @ torch.where(pos[..., None] >= 0, value, 0.0)  # garbage bytes of dead slots -> 0
+    return y.to(q.dtype).view(B, H, 1, D), probs
 
 
 # ---------------------------------------------------------------------------------------------
