@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import sys
 import time
@@ -21,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from arkv import ARKV, ARKVConfig, METHODS, OQ_POLICIES, FORMATS, PAPER_GAMMA, PAPER_TAU
+import kernels
+from arkv import ARKV, ARKVConfig, ATTENTION, METHODS, OQ_POLICIES, FORMATS, PAPER_GAMMA, PAPER_TAU
 from model import ModelArgs, Transformer, full_cache
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -90,10 +92,10 @@ def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1, keepdim=True)
 
 
-def prefill(model: Transformer, prompt: Tensor, temperature: float, top_k: int | None) -> Tensor:
-    """prompt [B, S] -> first new token [B, 1]."""
-    input_pos = torch.arange(prompt.shape[1], device=prompt.device)
-    return sample(model(prompt, input_pos, last_only=True)[:, -1], temperature, top_k)
+def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """Prompt tokens [B, S] at positions input_pos [S] (the whole prompt, or one chunk of it) ->
+    the token that follows them [B, 1]."""
+    return sample(model(tokens, input_pos, last_only=True)[:, -1], temperature, top_k)
 
 
 def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, temperature: float, top_k: int | None) -> Tensor:
@@ -105,15 +107,18 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, tempe
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, eos_ids: list[int] = (),
              temperature: float = 0.0, top_k: int | None = None, prefill_step: Callable = prefill,
              decode_step: Callable = decode_one_token, on_token: Callable[[int], None] | None = None,
-             after_prefill: Callable[[], None] | None = None) -> tuple[list[int], dict]:
+             after_prefill: Callable[[], None] | None = None, prefill_chunk: int | None = None) -> tuple[list[int], dict]:
     """Prefill `prompt` [1, S], then decode up to `max_new_tokens` tokens, stopping at an EOS id.
 
-    The caches must be set up; `after_prefill` runs once the prompt is in them (ARKV compresses
-    there). Returns the new token ids and timings (seconds)."""
+    The caches must be set up. With `prefill_chunk`, the prompt goes in as chunks of that many
+    tokens. `after_prefill` runs once the prompt, or each chunk of it, is in the caches (ARKV
+    compresses there, so a chunked prefill never holds more than budget + chunk tokens).
+    Returns the new token ids and timings (seconds)."""
     start = time.perf_counter()
-    token = prefill_step(model, prompt, temperature, top_k)
-    if after_prefill:
-        after_prefill()
+    for begin, end in chunk_bounds(prompt.shape[1], prefill_chunk):
+        token = prefill_step(model, prompt[:, begin:end], torch.arange(begin, end, device=prompt.device), temperature, top_k)
+        if after_prefill:
+            after_prefill()
     tokens = [int(token)]
     times = {"ttft": time.perf_counter() - start}
     if on_token:
@@ -132,6 +137,15 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, eos_ids: l
     times["decode"] = sum(step_times[1:])  # the first step may include compilation
     times["decode_tokens"] = len(step_times) - 1
     return tokens, times
+
+
+def chunk_bounds(length: int, chunk: int | None) -> list[tuple[int, int]]:
+    """[begin, end) of each prefill chunk. A last chunk of one token joins the one before: a
+    one-token call is a decode step, not a prefill."""
+    starts = list(range(0, length, chunk or length))
+    if len(starts) > 1 and length - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [length]))
 
 
 def stream_printer(tokenizer: Tokenizer) -> Callable[[int], None]:
@@ -188,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph)")
     parser.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    parser.add_argument("--prefill-chunk", type=positive_int, help="prefill the prompt in chunks of N tokens; "
+                        "ARKV compresses after each, so KV memory stays within budget + chunk")
+    parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
+                        help="ARKV decode attention: PyTorch (compiled with --compile) or the Triton kernel; "
+                        "auto: triton on CUDA, torch on the CPU")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
     kv = parser.add_argument_group("KV cache (ARKV and baselines, see arkv.py)")
@@ -233,6 +252,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_attention(name: str, device: torch.device) -> str:
+    """auto -> the Triton kernel on CUDA, compiled PyTorch elsewhere; Triton on the CPU runs only
+    in its (slow) interpreter."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and kernels.available() else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CheckpointError("--attention triton: needs a CUDA device (on the CPU set TRITON_INTERPRET=1, slow)")
+    return name
+
+
 def main(argv: list[str] | None = None):
     opts = build_parser().parse_args(argv)
     try:
@@ -267,11 +296,14 @@ def run(opts: argparse.Namespace):
     method = opts.method or ("arkv" if opts.kv_budget is not None else "full")
     if method != "full" and opts.kv_budget is None:
         raise CheckpointError(f"--method {method} needs --kv-budget")
+    if method != "full" and opts.prefill_chunk is not None and opts.prefill_chunk < max(2, opts.window):
+        raise CheckpointError(f"--prefill-chunk {opts.prefill_chunk}: expected at least the window ({opts.window}) and 2 tokens")
     manager = None
     if method != "full":
         budget = opts.kv_budget if isinstance(opts.kv_budget, int) else max(1, round(opts.kv_budget * len(ids)))
         config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=opts.window,
-                            kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau))
+                            kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau),
+                            attention=resolve_attention(opts.attention, device))
         manager = ARKV(config, model.args, dtype)
     model.setup_caches(1, len(ids) + max_new_tokens, manager.cache_factory if manager else full_cache)
     decode_step, prefill_step = decode_one_token, prefill
@@ -282,7 +314,8 @@ def run(opts: argparse.Namespace):
         prefill_step = torch.compile(prefill, dynamic=True)
     prompt = torch.tensor([ids], device=device)
     tokens, times = generate(model, prompt, max_new_tokens, tokenizer.eos_ids, opts.temperature, opts.top_k,
-                             prefill_step, decode_step, stream_printer(tokenizer), manager and manager.compress)
+                             prefill_step, decode_step, stream_printer(tokenizer), manager and manager.compress,
+                             opts.prefill_chunk)
     print()
     rate = times["decode_tokens"] / times["decode"] if times["decode"] > 0 else float("nan")
     print(f"prompt: {len(ids)} tokens, generated: {len(tokens)} tokens", file=sys.stderr)

@@ -91,8 +91,9 @@ class KVCache(nn.Module):
 
     `forward(q, k, v, input_pos)` writes `k, v` at their absolute positions and returns the
     attention output. Shapes: q [B, n_head, S, D]; k, v [B, n_kv_heads, S, D]; input_pos [S].
-    A call with S > 1 is a prefill of a new sequence starting at position 0; S == 1 is one
-    decode step. Any other cache (see arkv.py) offers the same call."""
+    A call with S > 1 is a prefill: of a new sequence when input_pos starts at 0, else a chunk of
+    the prompt that also attends to the tokens before it; S == 1 is one decode step. Any other
+    cache (see arkv.py) offers the same call."""
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype):
         super().__init__()
@@ -104,8 +105,11 @@ class KVCache(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        if q.shape[2] > 1:
+        if q.shape[2] > 1 and int(input_pos[0]) == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if q.shape[2] > 1:  # a later prompt chunk: causal over every slot written so far
+            visible = self.slot_pos <= input_pos[:, None]  # [S, T]
+            return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible, enable_gqa=True)
         valid = self.slot_pos <= input_pos  # [T]: slots written so far (slot index == position)
         return decode_attention(q, self.k_cache, self.v_cache, valid)[0]
 
