@@ -516,7 +516,7 @@ class ARKVCache(nn.Module):
         payload, meta = self.quantized_views() if self.has_quantized else self.quantized_views(empty=True)
         attention = kernels.tristate_attention if self.config.attention == "triton" else mixed_precision_attention
         return attention(q, self.original_view(), self.o_pos, payload, meta, self.q_pos[..., :payload.shape[2]],
-                         self.config.kv_quant)
+                         self.config.kv_quant, self.o_capacity, self.q_first)
 
     @property
     def has_quantized(self) -> bool:
@@ -563,14 +563,16 @@ def scatter_slots(x: Tensor, slot: Tensor, value: Tensor):
 
 
 def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, payload: Tensor, meta: Tensor,
-                              quantized_pos: Tensor, kv_quant: str) -> tuple[Tensor, Tensor]:
+                              quantized_pos: Tensor, kv_quant: str, original_slots: Tensor | None = None,
+                              quantized_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Decode attention over a tri-state cache: one softmax over the scores against the Original
     keys and against the dequantized Quantized keys, masked to live slots (position >= 0; keys
     carry RoPE, so slot order is free). The PyTorch twin of `kernels.tristate_attention`.
 
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P], meta [B, Hkv, M, 2, m];
     original_pos [B, Hkv, N], quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities
-    [B, Hkv, G, N + M] (float32)."""
+    [B, Hkv, G, N + M] (float32). `original_slots` (C_o) and `quantized_first` bound the slots that
+    can be live; the kernel skips the others, this twin masks them like any empty slot."""
     B, H, _, D = q.shape
     N, n_kv_heads = kv_original.shape[2], kv_original.shape[1]
     kv_q = FORMATS[kv_quant].dequantize(payload, meta)  # [B, Hkv, M, 2, D]

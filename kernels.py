@@ -64,8 +64,8 @@ if triton is not None:
 
     @triton.jit
     def _tristate_attention_kernel(
-        q_ptr, kv_ptr, meta_ptr, pos_ptr, scores_ptr, m_ptr, l_ptr, acc_ptr,
-        n_slots, n_kv_heads, group_size, head_dim, sm_scale, score_column, split_base,
+        q_ptr, kv_ptr, meta_ptr, pos_ptr, bounds_ptr, scores_ptr, m_ptr, l_ptr, acc_ptr,
+        n_kv_heads, group_size, head_dim, sm_scale, score_column, split_base,
         stride_qb, stride_qh,
         stride_kvb, stride_kvh, stride_kvn, stride_kvhalf,
         stride_mb, stride_mh, stride_mn, stride_mhalf,
@@ -76,8 +76,10 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Program (row = b * Hkv + h, split): the G query heads of KV head h against slots
-        [split * SPLIT, (split + 1) * SPLIT). Writes the raw scores of its slots and its partial
-        softmax state (running max m, sum l, unnormalised output acc) for `combine_splits`."""
+        [split * SPLIT, (split + 1) * SPLIT) that lie in the region's usable range [begin, end)
+        (`bounds_ptr`: outside it every slot is empty, so it is skipped, not read). Writes the raw
+        scores of its slots and its partial softmax state (running max m, sum l, unnormalised
+        output acc) for `combine_splits`."""
         row, split = tl.program_id(0), tl.program_id(1)
         b, h = row // n_kv_heads, row % n_kv_heads
         g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -88,9 +90,11 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         kv_base, meta_base = kv_ptr + b * stride_kvb + h * stride_kvh, meta_ptr + b * stride_mb + h * stride_mh
-        for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK_N):
+        lo = tl.maximum(split * SPLIT, tl.load(bounds_ptr))
+        hi = tl.minimum(split * SPLIT + SPLIT, tl.load(bounds_ptr + 1))
+        for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            in_range = n < n_slots
+            in_range = n < hi
             live = (tl.load(pos_ptr + b * stride_pb + h * stride_ph + n, mask=in_range, other=-1) >= 0) & in_range
             k = _load_kv(kv_base, n * stride_kvn, 0, meta_base, n * stride_mn, 0, d, in_range, head_dim, FORMAT, GROUP)
             v = _load_kv(kv_base, n * stride_kvn, stride_kvhalf, meta_base, n * stride_mn, stride_mhalf, d, in_range,
@@ -114,8 +118,10 @@ if triton is not None:
 
 
 def tristate_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, payload: Tensor, meta: Tensor,
-                       quantized_pos: Tensor, kv_quant: str, split: int = 256, block: int = 32) -> tuple[Tensor, Tensor]:
-    """Triton twin of `arkv.mixed_precision_attention` (same arguments and results).
+                       quantized_pos: Tensor, kv_quant: str, original_slots: Tensor, quantized_first: Tensor,
+                       split: int = 256, block: int = 32) -> tuple[Tensor, Tensor]:
+    """Triton twin of `arkv.mixed_precision_attention` (same arguments and results). Only the
+    Original slots [0, original_slots) and the Quantized slots [quantized_first, M) are read.
 
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P] uint8 and meta
     [B, Hkv, M, 2, m] (views of the arena, any strides with a unit last stride); original_pos
@@ -128,17 +134,19 @@ def tristate_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, pay
     splits = [triton.cdiv(N, split), triton.cdiv(M, split) if M else 0]
     rows, total_splits = B * n_kv_heads, sum(splits)
     q = q.contiguous()
-    scores = torch.empty(rows, G, N + M, device=q.device, dtype=torch.float32)
+    scores = torch.full((rows, G, N + M), -torch.inf, device=q.device)  # skipped slots stay -inf
     m = torch.empty(rows, total_splits, block_g, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(rows, total_splits, block_g, block_d, device=q.device, dtype=torch.float32)
-    regions = [(kv_original, kv_original, original_pos, "original", 0, 0, splits[0])]
+    zero = torch.zeros_like(original_slots)
+    regions = [(kv_original, kv_original, original_pos, torch.stack([zero, original_slots]), "original", 0, 0, splits[0])]
     if M:
-        regions.append((payload, meta, quantized_pos, kv_quant, N, splits[0], splits[1]))
-    for kv, region_meta, pos, fmt, column, split_base, n_splits in regions:
+        bounds = torch.stack([quantized_first, zero + M])
+        regions.append((payload, meta, quantized_pos, bounds, kv_quant, N, splits[0], splits[1]))
+    for kv, region_meta, pos, bounds, fmt, column, split_base, n_splits in regions:
         _tristate_attention_kernel[(rows, n_splits)](
-            q, kv, region_meta, pos, scores, m, l, acc,
-            kv.shape[2], n_kv_heads, G, D, D**-0.5, column, split_base,
+            q, kv, region_meta, pos, bounds, scores, m, l, acc,
+            n_kv_heads, G, D, D**-0.5, column, split_base,
             q.stride(0), q.stride(1),
             kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
             region_meta.stride(0), region_meta.stride(1), region_meta.stride(2), region_meta.stride(3),

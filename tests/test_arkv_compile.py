@@ -11,16 +11,23 @@ ARGS = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_heads=2, head_dim=64, interm
                  max_seq_len=512)
 
 
+ATTENTION = ["torch"] + (["triton"] if torch.cuda.is_available() else [])  # what this machine can compile
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("method, policy", [("arkv", "coverage"), ("evict", "paper")])
-def test_compiled_arkv_decode_equals_eager_without_recompiling(method, policy):
+def test_compiled_arkv_decode_equals_eager_without_recompiling(method, policy, attention):
+    device = "cuda" if attention == "triton" else "cpu"
     torch.manual_seed(0)
-    model = Transformer(ARGS).eval()
-    manager = ARKV(ARKVConfig(kv_budget=24, window=8, method=method, oq_policy=policy), ARGS, torch.float32)
+    model = Transformer(ARGS).to(device).eval()
+    config = ARKVConfig(kv_budget=24, window=8, method=method, oq_policy=policy, attention=attention)
+    manager = ARKV(config, ARGS, torch.float32)
     compiled_step = torch.compile(decode_one_token, fullgraph=True)
     torch._dynamo.reset()
     counters.clear()
     for prompt_len in (100, 137):  # two prompts of different length, 64 decode steps each
         prompt = torch.randint(0, ARGS.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        prompt = prompt.to(device)
         runs = []
         for step in (decode_one_token, compiled_step):
             model.setup_caches(1, prompt_len + 65, manager.cache_factory)

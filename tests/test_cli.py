@@ -34,6 +34,8 @@ def run_main(main, argv, capsys) -> str:
     (["--window", "-1"], "--window"),
     (["--gamma", "-1"], "--gamma"),
     (["--tau", "1", "0", "1"], "--tau"),
+    (["--prefill-chunk", "0"], "--prefill-chunk"),
+    (["--attention", "cuda"], "--attention"),
 ])
 def test_bad_flags(argv, expected, capsys):
     assert expected in run_main(generate.main, argv, capsys)
@@ -91,3 +93,26 @@ def test_convert_missing_source(tmp_path, capsys):
 def test_budget_smaller_than_window(smollm2_checkpoint, capsys):
     argv = ["--checkpoint", str(smollm2_checkpoint), "--kv-budget", "16", "--window", "32", "--max-new-tokens", "2"]
     assert "smaller than the window 32" in run_main(generate.main, argv, capsys)
+
+
+def test_prefill_chunk_smaller_than_window(smollm2_checkpoint, capsys):
+    argv = ["--checkpoint", str(smollm2_checkpoint), "--kv-budget", "64", "--prefill-chunk", "8", "--max-new-tokens", "2"]
+    assert "--prefill-chunk 8: expected at least the window (32)" in run_main(generate.main, argv, capsys)
+
+
+def test_triton_attention_needs_cuda_or_the_interpreter(smollm2_checkpoint, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["--checkpoint", str(smollm2_checkpoint), "--kv-budget", "64", "--attention", "triton", "--device", "cpu",
+            "--max-new-tokens", "2"]
+    assert "--attention triton: needs a CUDA device" in run_main(generate.main, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lengths", "0"], "--lengths"),
+    (["--lengths", "9000"], "--lengths 9000: the model context is 8192"),
+    (["--dtype", "int8"], "--dtype"),
+])
+def test_bench_bad_flags(argv, expected, smollm2_checkpoint, capsys):
+    import bench
+
+    assert expected in run_main(bench.main, ["--checkpoint", str(smollm2_checkpoint), *argv], capsys)
