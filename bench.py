@@ -29,6 +29,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from arkv import ARKV, ARKVConfig
+from eval import load_prefill, prefill_once
 from generate import (DTYPES, CheckpointError, OneLineParser, chunk_bounds, decode_one_token, default_checkpoint,
                       load_model, positive_int, resolve_attention, resolve_device)
 from model import full_cache
@@ -55,39 +56,16 @@ def sync(device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------
-# One prefill, loaded into many caches.
+# One prefill (eval.prefill_once), loaded into every cache (eval.load_prefill).
 
 
-@torch.no_grad()
-def record_prefill(model, prompt: torch.Tensor) -> tuple[torch.Tensor, list[dict], float]:
-    """Prefill with ARKV's statistics once; returns the first token, each layer's pending prompt
-    K/V and statistics (what `ARKV.compress` consumes), and the prefill time."""
-    recorder = ARKV(ARKVConfig(kv_budget=32), model.args, model.output.weight.dtype)
-    model.setup_caches(1, prompt.shape[1], recorder.cache_factory)
+def timed(fn, *args):
+    """(fn(*args), seconds), the device synchronised."""
+    device = args[0].output.weight.device
     start = time.perf_counter()
-    logits = model(prompt, torch.arange(prompt.shape[1], device=prompt.device), last_only=True)
-    sync(prompt.device)
-    return logits[:, -1].argmax(-1, keepdim=True), [cache.pending for cache in recorder.caches], time.perf_counter() - start
-
-
-@torch.no_grad()
-def load_prefill(model, pendings: list[dict], seq_len: int, max_seq_len: int, config: ARKVConfig | None) -> tuple[ARKV | None, float]:
-    """Fresh caches (full when `config` is None) holding the recorded prompt; ARKV compresses it.
-    Returns the manager and the compression time."""
-    manager = ARKV(config, model.args, model.output.weight.dtype) if config else None
-    model.setup_caches(1, max_seq_len, manager.cache_factory if manager else full_cache)
-    for layer, pending in zip(model.layers, pendings):
-        cache = layer.attention.kv_cache
-        if manager:
-            cache.pending = dict(pending)
-        else:
-            cache.k_cache[:, :, :seq_len] = pending["k"]
-            cache.v_cache[:, :, :seq_len] = pending["v"]
-    start = time.perf_counter()
-    if manager:
-        manager.compress()
-    sync(pendings[0]["k"].device)
-    return manager, time.perf_counter() - start
+    out = fn(*args)
+    sync(device)
+    return out, time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -235,13 +213,13 @@ def run(opts):
     counters.clear()
     decode, live = [], {}
     for length in sorted(opts.lengths):
-        prompt = torch.tensor([ids[:length]], device=device)
-        first, pendings, prefill_seconds = record_prefill(model, prompt)
+        (pendings, logits), _ = timed(prefill_once, model, ids[:length])
+        first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
         for name, config in configs.items():
-            manager, compress_seconds = load_prefill(model, pendings, length, length + opts.steps + 2, config)
+            manager, compress_seconds = timed(load_prefill, model, pendings, length + opts.steps + 2, config)
             first_step, rate = decode_rate(steps[name], model, first, length, opts.steps)
             row = dict(method=name, length=length, tokens_per_s=rate, first_step_s=first_step,
-                       compress_s=compress_seconds, kv_bytes=model.cache_nbytes())
+                       load_and_compress_s=compress_seconds, kv_bytes=model.cache_nbytes())
             if manager:
                 report = manager.report(length)
                 held = report["original"] + report["quantized"]
@@ -254,8 +232,9 @@ def run(opts):
         del pendings
     # bookkeeping: full cache holding ARKV's live token count
     equal = round(live[("arkv", longest)])
-    first, pendings, _ = record_prefill(model, torch.tensor([ids[:equal]], device=device))
-    load_prefill(model, pendings, equal, equal + opts.steps + 2, None)
+    pendings, logits = prefill_once(model, ids[:equal])
+    first = logits[:, -1].argmax(-1, keepdim=True)
+    load_prefill(model, pendings, equal + opts.steps + 2, None)
     _, equal_rate = decode_rate(steps["full"], model, first, equal, opts.steps)
     del pendings
     graphs = counters["stats"]["unique_graphs"]

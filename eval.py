@@ -160,14 +160,11 @@ def prefill_once(model, ids: list[int]) -> tuple[list[dict], torch.Tensor]:
 
 
 @torch.no_grad()
-def decode_after(model, pendings: list[dict], logits: torch.Tensor, prompt_len: int, question_ids: list[int] | None,
-                 config: ARKVConfig | None, max_new_tokens: int, eos_ids) -> tuple[list[int], dict]:
-    """Load a recorded prefill into a fresh cache (full, or ARKV/baseline by `config`), compress it; with
-    `question_ids` (agnostic) prefill them as a chunk and compress again; then decode greedily.
-    Returns the new tokens and the cache report (token states and bytes, measured)."""
-    device, dtype = model.output.weight.device, model.output.weight.dtype
-    manager = ARKV(config, model.args, dtype) if config else None
-    model.setup_caches(1, prompt_len + max_new_tokens, manager.cache_factory if manager else full_cache)
+def load_prefill(model, pendings: list[dict], max_seq_len: int, config: ARKVConfig | None) -> ARKV | None:
+    """Fresh caches for `max_seq_len` tokens (full, or ARKV/baseline by `config`) holding a recorded prefill;
+    ARKV compresses it. Returns the ARKV manager (None for full)."""
+    manager = ARKV(config, model.args, model.output.weight.dtype) if config else None
+    model.setup_caches(1, max_seq_len, manager.cache_factory if manager else full_cache)
     for layer, pending in zip(model.layers, pendings):
         cache = layer.attention.kv_cache
         if manager:
@@ -177,6 +174,17 @@ def decode_after(model, pendings: list[dict], logits: torch.Tensor, prompt_len: 
             cache.k_cache[:, :, :recorded], cache.v_cache[:, :, :recorded] = pending["k"], pending["v"]
     if manager:
         manager.compress()
+    return manager
+
+
+@torch.no_grad()
+def decode_after(model, pendings: list[dict], logits: torch.Tensor, prompt_len: int, question_ids: list[int] | None,
+                 config: ARKVConfig | None, max_new_tokens: int, eos_ids) -> tuple[list[int], dict]:
+    """Load a recorded prefill into a fresh cache (full, or ARKV/baseline by `config`), compress it; with
+    `question_ids` (agnostic) prefill them as a chunk and compress again; then decode greedily.
+    Returns the new tokens and the cache report (token states and bytes, measured)."""
+    device, dtype = model.output.weight.device, model.output.weight.dtype
+    manager = load_prefill(model, pendings, prompt_len + max_new_tokens, config)
     if question_ids:
         begin = prompt_len - len(question_ids)
         logits = model(torch.tensor([question_ids], device=device), torch.arange(begin, prompt_len, device=device),
