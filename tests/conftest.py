@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ASSETS = ROOT.parent / "shared" / "assets"
 
@@ -37,3 +38,13 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "SmolLM2-135M-Instruct"
     convert_gguf(smollm2_gguf(), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: faster, and far steadier when another
+    process shares the 2 cores (two threads then run several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,12 +18,7 @@ from model import full_cache
 from test_arkv import FMT_NAMES, HEADS, SETTINGS, Snapshot, check_state, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prefill_logits(model, prompt, chunk, setup, after_chunk=None) -> list[torch.Tensor]:

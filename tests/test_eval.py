@@ -16,13 +16,7 @@ from tasks import synthetic_sample
 from tokenizer import load_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on 2 shared cores, two threads competing with another process run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- specs and errors
