@@ -369,7 +369,8 @@ class ARKVCache(nn.Module):
         mean, variance, score = token_statistics(probs, self.config.gamma, self.config.pool_kernel)
         before_window = (key_pos >= 0) & (key_pos < seq_len - window)
         stats = layer_statistics(probs, before_window) if seq_len > window else (1.0, 1.0, 1.0)
-        self.pending = dict(k=k, v=v, pos=key_pos, order=order, seq_len=seq_len, mean=mean, variance=variance,
+        # contiguous copies: k and v are views of larger projection outputs that must not stay alive
+        self.pending = dict(k=k.contiguous(), v=v.contiguous(), pos=key_pos, order=order, seq_len=seq_len, mean=mean, variance=variance,
                             score=score, count=W, stats=stats)
         return y
 
