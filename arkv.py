@@ -186,15 +186,16 @@ def window_probabilities(q: Tensor, keys: Tensor, query_pos: Tensor, key_pos: Te
 def layer_statistics(probs: Tensor, before_window: Tensor) -> tuple[float, float, float]:
     """Entropy H, variance V and Pearson kurtosis K of the window's attention over the keys before
     the window (`before_window` [B, Hkv, T], paper section 3.1). Means replace sums: that rescales
-    every layer alike."""
-    prefix = probs.double() * before_window[:, :, None, None]  # [B, Hkv, G, W, T], other keys 0
-    rows = prefix / prefix.sum(-1, keepdim=True).clamp_min(1e-300)
-    entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1).mean()
+    every layer alike. Kurtosis is mean(z^4) with z the key's standardised attention, which stays
+    within float32 range where fourth powers of raw probabilities would not."""
+    prefix = probs * before_window[:, :, None, None]  # [B, Hkv, G, W, T], other keys 0
+    rows = prefix / prefix.sum(-1, keepdim=True).clamp_min(1e-30)
+    entropy = -(rows * rows.clamp_min(1e-30).log()).sum(-1).mean()
     variance = prefix.var(dim=-2, unbiased=False)  # [B, Hkv, G, T]: across the window queries, per key
-    fourth = ((prefix - prefix.mean(dim=-2, keepdim=True)) ** 4).mean(dim=-2)
-    keys = before_window[:, :, None].expand_as(variance).sum().clamp_min(1)
     live = variance > 0  # keys no window query attends to have no kurtosis
-    kurtosis = torch.where(live, fourth / variance.clamp_min(1e-150) ** 2, 0.0).sum() / live.sum().clamp_min(1)
+    z = (prefix - prefix.mean(dim=-2, keepdim=True)) / variance.sqrt().clamp_min(1e-30)[..., None, :]
+    kurtosis = torch.where(live, (z**4).mean(dim=-2), 0.0).sum() / live.sum().clamp_min(1)
+    keys = before_window[:, :, None].expand_as(variance).sum().clamp_min(1)
     return entropy.item(), (variance.sum() / keys).item(), kurtosis.item()
 
 

@@ -622,3 +622,37 @@ def test_unsupported_head_dim(kv_quant, head_dim):
     args = ModelArgs(dim=64, n_layer=1, n_head=2, n_kv_heads=1, head_dim=head_dim, intermediate_size=32, vocab_size=16)
     with pytest.raises(ValueError, match="head_dim"):
         ARKV(ARKVConfig(kv_budget=8, window=4, kv_quant=kv_quant), args, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Layer statistics against the paper's formulas computed in plain Python (float64).
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), window=st.integers(2, 5), extra=st.integers(1, 6), sharp=st.floats(0.5, 8.0))
+def test_layer_statistics_match_plain_python(seed, window, extra, sharp):
+    B, Hkv, G, T = 1, 2, 2, window + extra
+    g = torch.Generator().manual_seed(seed)
+    logits = sharp * torch.randn(B, Hkv, G, window, T, generator=g)
+    probs = torch.softmax(logits, dim=-1)  # [B, Hkv, G, W, T]
+    before = torch.arange(T) < T - window
+    p = probs.double().tolist()
+    entropies, variances, kurtoses = [], [], []
+    for b in range(B):
+        for h in range(Hkv):
+            for j in range(G):
+                for w in range(window):
+                    row = [p[b][h][j][w][t] for t in range(T - window)]
+                    total = sum(row)
+                    entropies.append(-sum(x / total * math.log(x / total) for x in row if x > 0))
+                for t in range(T - window):
+                    column = [p[b][h][j][w][t] for w in range(window)]
+                    mean = sum(column) / window
+                    var = sum((x - mean) ** 2 for x in column) / window
+                    variances.append(var)
+                    if var > 0:
+                        kurtoses.append(sum((x - mean) ** 4 for x in column) / window / var**2)
+    expected = (sum(entropies) / len(entropies), sum(variances) / len(variances), sum(kurtoses) / len(kurtoses))
+    got = arkv.layer_statistics(probs, before.expand(B, Hkv, T))
+    for name, a, e in zip(("entropy", "variance", "kurtosis"), got, expected):
+        assert math.isclose(a, e, rel_tol=1e-4, abs_tol=1e-12), f"{name}: {a} vs {e}"
