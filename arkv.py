@@ -371,8 +371,8 @@ class ARKVCache(nn.Module):
         before_window = (key_pos >= 0) & (key_pos < seq_len - window)
         stats = layer_statistics(probs, before_window) if seq_len > window else (1.0, 1.0, 1.0)
         # contiguous copies: k and v are views of larger projection outputs that must not stay alive
-        self.pending = dict(k=k.contiguous(), v=v.contiguous(), pos=key_pos, order=order, seq_len=seq_len, mean=mean, variance=variance,
-                            score=score, count=W, stats=stats)
+        self.pending = dict(k=k.contiguous(), v=v.contiguous(), pos=key_pos, order=order, seq_len=seq_len,
+                            mean=mean, variance=variance, score=score, count=W, stats=stats)
         return y
 
     def held_tokens(self) -> tuple[Tensor, Tensor]:
@@ -383,25 +383,25 @@ class ARKVCache(nn.Module):
         pos = torch.cat([self.o_pos, self.q_pos[..., :payload.shape[2]]], dim=-1)
         return torch.where(pos[..., None, None] >= 0, kv, 0.0), pos
 
-    def candidate_bytes(self, pending: dict) -> tuple[Tensor, Tensor, Tensor]:
+    def candidate_bytes(self, pending: dict) -> tuple[Tensor, Tensor | None, Tensor]:
         """For each candidate (in `pending` order): its bytes as an Original slot and as a
-        Quantized slot, and whether it is held Quantized already (it then keeps its bytes and can
-        never become Original again). [B, Hkv, T, bytes_original], [B, Hkv, T, bytes_quantized], [B, Hkv, T]."""
+        Quantized slot (None without a Quantized region), and whether it is held Quantized already
+        (it then keeps its bytes and can never become Original again).
+        [B, Hkv, T, bytes_original], [B, Hkv, T, bytes_quantized], [B, Hkv, T]."""
         chunk_kv = torch.stack([pending["k"], pending["v"]], dim=3)  # [B, Hkv, S, 2, D]
         as_original = self.original_slot_bytes(chunk_kv)
-        as_quantized = self.quantized_slot_bytes(chunk_kv) if self.has_quantized else as_original[..., :0]
+        as_quantized = self.quantized_slot_bytes(chunk_kv) if self.has_quantized else None
         order = pending["order"]
-        if order is None:
+        if order is None:  # one-shot prefill: the candidates are the chunk, in order
             return as_original, as_quantized, torch.zeros_like(pending["pos"], dtype=torch.bool)
-        B, Hkv, N, _ = self.original_bytes().shape
-        M = self.quantized_views(empty=not self.has_quantized)[0].shape[2]
-        held_original = self.original_bytes()
+        held_original = self.original_bytes()  # [B, Hkv, N, bytes_original]
+        B, Hkv, N, _ = held_original.shape
+        M = self.slots.quantized_slots if self.has_quantized else 0
         as_original = torch.cat([held_original, held_original.new_zeros(B, Hkv, M, held_original.shape[-1]), as_original], dim=2)
-        if self.has_quantized:
+        if as_quantized is not None:
             from_original = self.quantized_slot_bytes(self.original_view())  # [B, Hkv, N, bytes_quantized]
-            as_quantized = torch.cat([from_original, self.quantized_bytes(), as_quantized], dim=2)
-        was_quantized = (order >= N) & (order < N + M)
-        return gather_rows(as_original, order), gather_rows(as_quantized, order) if self.has_quantized else as_quantized, was_quantized
+            as_quantized = gather_rows(torch.cat([from_original, self.quantized_bytes(), as_quantized], dim=2), order)
+        return gather_rows(as_original, order), as_quantized, (order >= N) & (order < N + M)
 
     # -- tri-state assignment after prefill --------------------------------------------------
     @torch.no_grad()
@@ -431,7 +431,7 @@ class ARKVCache(nn.Module):
         self.o_pos[..., :n_o] = pos.gather(2, o_sel).masked_fill(~o_live, -1)
         self.o_stats[:, :, :n_o] = gather_rows(initial, o_sel)
         q_first = self.slots.quantized_slots - c_q
-        if n_q and self.has_quantized:
+        if n_q and as_quantized is not None:
             self.quantized_bytes()[:, :, q_first:q_first + n_q] = gather_rows(as_quantized, q_sel)
             self.q_pos[..., q_first:q_first + n_q] = pos.gather(2, q_sel).masked_fill(~q_live, -1)
             self.q_stats[:, :, q_first:q_first + n_q] = gather_rows(initial, q_sel)
