@@ -10,8 +10,9 @@ of full-precision K+V. The Original region grows from the front of the arena (sl
 `bytes_original`), the Quantized region occupies the back (slots of `bytes_quantized`). Both are
 views of the same bytes, so a layer's Original:Quantized split is data (two capacity tensors), not
 a shape: the arena has one static shape for every layer and every prompt, and the compiled decode
-step never recompiles nor allocates cache memory. The price is that decode attention scans both
-views of the arena and masks what is not live.
+step never recompiles nor allocates cache memory. Decode attention reads only the usable part of
+each view, Original slots [0, C_o) and Quantized slots [q_first, M), as sizes the compiler keeps
+symbolic.
 """
 from __future__ import annotations
 
@@ -486,6 +487,9 @@ class ARKVCache(nn.Module):
         o_key = torch.where(self.o_pos < 0, -inf, o_key).masked_fill(o_slot >= self.o_capacity, inf)
         victim = o_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
         victim_pos = self.o_pos.gather(2, victim)  # [B, Hkv, 1]
+        o_index = self.byte_index(victim, self.slots.bytes_original)  # [B, Hkv, bytes_original]
+        o_bytes = self.original_slot_bytes(new_kv).flatten(2)  # [B, Hkv, bytes_original]
+        index, value = [o_index], [o_bytes]
         if self.has_quantized:
             victim_stats = gather_rows(self.o_stats, victim)  # [B, Hkv, 1, 3]
             victim_kv = gather_rows(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
@@ -493,25 +497,30 @@ class ARKVCache(nn.Module):
             q_key = torch.where(self.q_pos < 0, -inf, self.slot_score(self.q_stats)).masked_fill(q_slot < self.q_first, inf)
             target = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
             demote = (victim_pos >= 0) & (q_key.gather(2, target) < self.slot_score(victim_stats))  # [B, Hkv, 1]
-            old_bytes = gather_rows(self.quantized_bytes(), target)
-            new_bytes = torch.where(demote[..., None], self.quantized_slot_bytes(victim_kv), old_bytes)
-            self.write_slot(target, self.slots.bytes_quantized, new_bytes)
-            self.q_pos.scatter_(2, target, torch.where(demote, victim_pos, self.q_pos.gather(2, target)))
+            # Without a demotion the Quantized write repeats the first bytes of the Original one
+            # (same places, same values): the target may lie in the Original region (no Quantized
+            # region), and an index_put with conflicting duplicates has no defined order.
+            size = self.slots.bytes_quantized
+            index.append(torch.where(demote, self.byte_index(target, size), o_index[..., :size]))
+            value.append(torch.where(demote, self.quantized_slot_bytes(victim_kv).flatten(2), o_bytes[..., :size]))
+            scatter_slots(self.q_pos, target, torch.where(demote, victim_pos, self.q_pos.gather(2, target)))
             old_stats = gather_rows(self.q_stats, target)
             scatter_slots(self.q_stats, target, torch.where(demote[..., None], victim_stats, old_stats))
-        self.write_slot(victim, self.slots.bytes_original, self.original_slot_bytes(new_kv))
-        self.o_pos.scatter_(2, victim, input_pos.expand_as(victim))
+        # one index_put on the flat bytes: compiled, it touches only those bytes, where a scatter_,
+        # or a second index_put on the same buffer, makes the compiler copy the whole arena
+        self.arena.view(-1)[torch.cat(index, dim=-1).flatten()] = torch.cat(value, dim=-1).flatten()
+        scatter_slots(self.o_pos, victim, input_pos.expand_as(victim))
         fresh = torch.zeros_like(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
         if self.config.method == "streaming":
             fresh[..., 0] = torch.where(input_pos < self.config.sinks, torch.inf, input_pos.float())
         scatter_slots(self.o_stats, victim, fresh)
 
-    def write_slot(self, slot: Tensor, slot_size: int, value: Tensor):
-        """Write one slot's bytes value [B, Hkv, 1, slot_size] at slot [B, Hkv, 1] of the arena read
-        as slots of `slot_size` bytes: an in-place scatter on the arena itself, so the compiled step
-        touches only those bytes."""
-        index = slot * slot_size + torch.arange(slot_size, device=slot.device)  # [B, Hkv, slot_size]
-        self.arena.scatter_(2, index, value.flatten(2))
+    def byte_index(self, slot: Tensor, slot_size: int) -> Tensor:
+        """Indices into the flat arena of slot [B, Hkv, 1], the arena read as slots of `slot_size`
+        bytes: [B, Hkv, slot_size]."""
+        B, Hkv, arena_bytes = self.arena.shape
+        row = torch.arange(B * Hkv, device=slot.device).view(B, Hkv, 1) * arena_bytes  # [B, Hkv, 1]
+        return row + slot * slot_size + torch.arange(slot_size, device=slot.device)
 
     def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """q [B, H, 1, D] -> output [B, H, 1, D], probabilities [B, Hkv, G, N + M]."""
@@ -559,9 +568,13 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
 
 
 def scatter_slots(x: Tensor, slot: Tensor, value: Tensor):
-    """Write value [B, Hkv, 1, ...] into x [B, Hkv, S, ...] at slot [B, Hkv, 1], in place."""
-    index = slot.view(*slot.shape, *([1] * (x.dim() - 3))).expand_as(value)
-    x.scatter_(2, index, value)
+    """Write value [B, Hkv, 1, ...] into x [B, Hkv, S, ...] at slot [B, Hkv, 1], in place. An
+    index_put on x's rows: compiled, it writes those rows only, where `scatter_` copies x whole
+    twice (20x slower for a 768 KiB arena on the CPU)."""
+    B, Hkv, S = x.shape[:3]
+    rows = x.view(B * Hkv * S, -1)  # [B * Hkv * S, ...flattened]
+    row = slot + S * torch.arange(B * Hkv, device=slot.device).view(B, Hkv, 1)  # [B, Hkv, 1]
+    rows[row.flatten()] = value.reshape(B * Hkv, -1).to(x.dtype)
 
 
 def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, payload: Tensor, meta: Tensor,
@@ -573,21 +586,39 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
 
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P], meta [B, Hkv, M, 2, m];
     original_pos [B, Hkv, N], quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities
-    [B, Hkv, G, N + M] (float32). `original_slots` (C_o) and `quantized_first` bound the slots that
-    can be live; the kernel skips the others, this twin masks them like any empty slot."""
+    [B, Hkv, G, N + M] (float32). Like the kernel it reads only the slots that can be live, the
+    Original slots [0, C_o) and the Quantized slots [q_first, M), so its cost follows the budget's
+    bytes, not the arena's two views; the others get probability 0. C_o and q_first are read from
+    their tensors as sizes that the compiler keeps symbolic: one graph serves every split. Each
+    range spans at least 2 slots (extra slots are dead, hence masked): the compiler's matmul
+    needs a size it can prove is not 1."""
     B, H, _, D = q.shape
-    N, n_kv_heads = kv_original.shape[2], kv_original.shape[1]
-    kv_q = FORMATS[kv_quant].dequantize(payload, meta)  # [B, Hkv, M, 2, D]
-    qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
-    scores = torch.cat([qg @ kv_original[:, :, :, 0].float().transpose(-1, -2),
-                        qg @ kv_q[:, :, :, 0].transpose(-1, -2)], dim=-1)  # [B, Hkv, G, N + M]
-    live = torch.cat([original_pos, quantized_pos], dim=-1)[:, :, None] >= 0  # [B, Hkv, 1, N + M]
-    probs = torch.softmax(scores.mul(D**-0.5).masked_fill(~live, -torch.inf), dim=-1)
+    n_kv_heads, N, M = kv_original.shape[1], kv_original.shape[2], payload.shape[2]
+    G = H // n_kv_heads
+    first = 0 if quantized_first is None or M < 2 else slot_bound(quantized_first, 0, M - 2)
+    kv_q = FORMATS[kv_quant].dequantize(payload[:, :, first:], meta[:, :, first:])  # [B, Hkv, M - q_first, 2, D]
+    pos = torch.cat([original_pos, quantized_pos[..., first:]], dim=-1)  # [B, Hkv, T]
+    qg = q.view(B, n_kv_heads, G, D).float()  # [B, Hkv, G, D]
+    scores = torch.cat([qg @ kv[:, :, :, 0].transpose(-1, -2) for kv in (kv_original.float(), kv_q)], dim=-1)  # [B, Hkv, G, T]
+    probs = torch.softmax(scores.mul(D**-0.5).masked_fill(pos[:, :, None] < 0, -torch.inf), dim=-1)
     y = 0
-    for value, p, pos in ((kv_original[:, :, :, 1].float(), probs[..., :N], original_pos),
-                          (kv_q[:, :, :, 1], probs[..., N:], quantized_pos)):
-        y = y + p @ torch.where(pos[..., None] >= 0, value, 0.0)  # garbage bytes of dead slots -> 0
+    for kv, p, live in ((kv_original.float(), probs[..., :N], original_pos >= 0), (kv_q, probs[..., N:], pos[..., N:] >= 0)):
+        y = y + p @ torch.where(live[..., None], kv[:, :, :, 1], 0.0)  # garbage bytes of dead slots -> 0
+    probs = torch.cat([probs[..., :N], probs.new_zeros(B, n_kv_heads, G, first), probs[..., N:]], dim=-1)  # [B, Hkv, G, N + M]
     return y.to(q.dtype).view(B, H, 1, D), probs
+
+
+def slot_bound(bound: Tensor, low: int, high: int) -> int:
+    """A slot bound stored in a tensor, clamped to [low, high], as a Python int. Under
+    torch.compile it is an unbacked symbolic size (read at run time, never guarded on), since
+    `capture_scalar_outputs` is on: the decode step compiles once for every value."""
+    value = int(bound.clamp(low, high))
+    torch._check(value >= low)
+    torch._check(value <= high)
+    return value
+
+
+torch._dynamo.config.capture_scalar_outputs = True
 
 
 # ---------------------------------------------------------------------------------------------

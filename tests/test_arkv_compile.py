@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from arkv import ARKV, ARKVConfig
+from arkv import ARKV, FORMATS, ARKVConfig, mixed_precision_attention
 from generate import decode_one_token, generate
 from model import ModelArgs, Transformer
+from test_kernels import filled_cache
 
 ARGS = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_heads=2, head_dim=64, intermediate_size=192, vocab_size=256,
                  max_seq_len=512)
@@ -37,3 +38,40 @@ def test_compiled_arkv_decode_equals_eager_without_recompiling(method, policy, a
         assert runs[0] == runs[1]
         assert report["evicted"] > 0 and (method == "evict" or report["quantized"] > 0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def masked_full_scan(q: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: attention over every slot of both views of the arena, dead slots (position -1)
+    masked, in plain PyTorch: output [B, H, 1, D] and probabilities [B, Hkv, G, N + M]."""
+    payload, meta = cache.quantized_views()
+    kv = torch.cat([cache.original_view().float(), FORMATS[cache.config.kv_quant].dequantize(payload, meta)], dim=2)
+    pos = torch.cat([cache.o_pos, cache.q_pos], dim=-1)  # [B, Hkv, N + M]
+    kv = torch.where(pos[..., None, None] >= 0, kv, 0.0)  # [B, Hkv, N + M, 2, D]
+    B, H, _, D = q.shape
+    qg = q.view(B, pos.shape[1], -1, D)  # [B, Hkv, G, D]
+    scores = torch.einsum("bhgd,bhtd->bhgt", qg, kv[:, :, :, 0]) / D**0.5
+    probs = torch.softmax(scores.masked_fill(pos[:, :, None] < 0, -torch.inf), dim=-1)
+    return torch.einsum("bhgt,bhtd->bhgd", probs, kv[:, :, :, 1]).reshape(B, H, 1, D), probs
+
+
+def test_compiled_attention_reads_only_usable_slots_with_one_graph_for_every_split():
+    """The twin reads Original [0, C_o) and Quantized [q_first, M) only, with C_o and q_first read
+    from tensors: eager and compiled equal the masked full scan for every split, from all
+    Original to nearly all Quantized, and the compiled function never recompiles."""
+    compiled = torch.compile(mixed_precision_attention, fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    splits = set()
+    for seed, rho in enumerate([1.0, 0.6, 0.25, 0.0]):
+        cache = filled_cache("int4", torch.float32, batch=2, n_kv_heads=2, head_dim=64, kv_budget=40, window=4, rho=rho,
+                             live_original=0.8, live_quantized=0.7, seed=seed)
+        splits.add((int(cache.o_capacity), int(cache.q_first)))
+        q = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(seed))
+        payload, meta = cache.quantized_views()
+        args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, "int4", cache.o_capacity, cache.q_first)
+        y_oracle, probs_oracle = masked_full_scan(q, cache)
+        for attention in (mixed_precision_attention, compiled):
+            y, probs = attention(*args)
+            torch.testing.assert_close(y, y_oracle, atol=1e-5, rtol=0)
+            torch.testing.assert_close(probs, probs_oracle, atol=1e-6, rtol=0)
+    assert len(splits) == 4 and counters["stats"]["unique_graphs"] == 1, splits
