@@ -10,9 +10,8 @@ of full-precision K+V. The Original region grows from the front of the arena (sl
 `bytes_original`), the Quantized region occupies the back (slots of `bytes_quantized`). Both are
 views of the same bytes, so a layer's Original:Quantized split is data (two capacity tensors), not
 a shape: the arena has one static shape for every layer and every prompt, and the compiled decode
-step never recompiles nor allocates cache memory. Decode attention reads only the usable part of
-each view, Original slots [0, C_o) and Quantized slots [q_first, M), as sizes the compiler keeps
-symbolic.
+step never recompiles nor allocates cache memory. Decode attention reads the Original view and
+only the usable Quantized slots [q_first, M), a size the compiler keeps symbolic.
 """
 from __future__ import annotations
 
@@ -586,34 +585,35 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
 
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P], meta [B, Hkv, M, 2, m];
     original_pos [B, Hkv, N], quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities
-    [B, Hkv, G, N + M] (float32). Like the kernel it reads only the slots that can be live, the
-    Original slots [0, C_o) and the Quantized slots [q_first, M), so its cost follows the budget's
-    bytes, not the arena's two views; the others get probability 0. C_o and q_first are read from
-    their tensors as sizes that the compiler keeps symbolic: one graph serves every split. Each
-    range spans at least 2 slots (extra slots are dead, hence masked): the compiler's matmul
-    needs a size it can prove is not 1."""
+    [B, Hkv, G, N + M] (float32). Of the Quantized view it reads only the slots that can be live,
+    [q_first, M), so its cost follows the budget's bytes, not the arena's M slots; the others get
+    probability 0. q_first is read from its tensor as a size that the compiler keeps symbolic: one
+    graph serves every split. The range spans at least 2 slots (extra ones are dead, hence
+    masked): the compiler's matmul needs a size it can prove is not 1. The Original view is read
+    whole (N slots, dead ones masked); `original_slots` is there for the kernel's signature."""
     B, H, _, D = q.shape
     n_kv_heads, N, M = kv_original.shape[1], kv_original.shape[2], payload.shape[2]
     G = H // n_kv_heads
-    first = 0 if quantized_first is None or M < 2 else slot_bound(quantized_first, 0, M - 2)
+    first = 0 if quantized_first is None or M < 2 else slot_bound(quantized_first, M - 2)
     kv_q = FORMATS[kv_quant].dequantize(payload[:, :, first:], meta[:, :, first:])  # [B, Hkv, M - q_first, 2, D]
     pos = torch.cat([original_pos, quantized_pos[..., first:]], dim=-1)  # [B, Hkv, T]
+    kv_o = kv_original.float()  # [B, Hkv, N, 2, D]
     qg = q.view(B, n_kv_heads, G, D).float()  # [B, Hkv, G, D]
-    scores = torch.cat([qg @ kv[:, :, :, 0].transpose(-1, -2) for kv in (kv_original.float(), kv_q)], dim=-1)  # [B, Hkv, G, T]
+    scores = torch.cat([qg @ kv[:, :, :, 0].transpose(-1, -2) for kv in (kv_o, kv_q)], dim=-1)  # [B, Hkv, G, T]
     probs = torch.softmax(scores.mul(D**-0.5).masked_fill(pos[:, :, None] < 0, -torch.inf), dim=-1)
     y = 0
-    for kv, p, live in ((kv_original.float(), probs[..., :N], original_pos >= 0), (kv_q, probs[..., N:], pos[..., N:] >= 0)):
+    for kv, p, live in ((kv_o, probs[..., :N], original_pos >= 0), (kv_q, probs[..., N:], pos[..., N:] >= 0)):
         y = y + p @ torch.where(live[..., None], kv[:, :, :, 1], 0.0)  # garbage bytes of dead slots -> 0
     probs = torch.cat([probs[..., :N], probs.new_zeros(B, n_kv_heads, G, first), probs[..., N:]], dim=-1)  # [B, Hkv, G, N + M]
     return y.to(q.dtype).view(B, H, 1, D), probs
 
 
-def slot_bound(bound: Tensor, low: int, high: int) -> int:
-    """A slot bound stored in a tensor, clamped to [low, high], as a Python int. Under
+def slot_bound(bound: Tensor, high: int) -> int:
+    """A slot bound stored in a tensor, clamped to [0, high], as a Python int. Under
     torch.compile it is an unbacked symbolic size (read at run time, never guarded on), since
     `capture_scalar_outputs` is on: the decode step compiles once for every value."""
-    value = int(bound.clamp(low, high))
-    torch._check(value >= low)
+    value = int(bound.clamp(0, high))
+    torch._check(value >= 0)
     torch._check(value <= high)
     return value
 

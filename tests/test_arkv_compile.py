@@ -55,9 +55,9 @@ def masked_full_scan(q: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor
 
 
 def test_compiled_attention_reads_only_usable_slots_with_one_graph_for_every_split():
-    """The twin reads Original [0, C_o) and Quantized [q_first, M) only, with C_o and q_first read
-    from tensors: eager and compiled equal the masked full scan for every split, from all
-    Original to nearly all Quantized, and the compiled function never recompiles."""
+    """The twin reads only the Quantized slots [q_first, M), with q_first read from its tensor:
+    eager and compiled equal the masked full scan for every split, from all Original to nearly
+    all Quantized, and the compiled function never recompiles."""
     compiled = torch.compile(mixed_precision_attention, fullgraph=True)
     torch._dynamo.reset()
     counters.clear()
