@@ -209,7 +209,7 @@ def run(opts):
                "arkv": ARKVConfig(kv_budget=opts.kv_budget, attention=attention),
                "evict": ARKVConfig(kv_budget=opts.kv_budget, method="evict", attention=attention)}
     mode = "reduce-overhead" if device.type == "cuda" else "default"
-    steps = {name: torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=name == "full") for name in configs}
+    steps = {name: torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False) for name in configs}
     counters.clear()
     decode, live = [], {}
     for length in sorted(opts.lengths):
