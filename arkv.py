@@ -10,8 +10,9 @@ of full-precision K+V. The Original region grows from the front of the arena (sl
 `bytes_original`), the Quantized region occupies the back (slots of `bytes_quantized`). Both are
 views of the same bytes, so a layer's Original:Quantized split is data (two capacity tensors), not
 a shape: the arena has one static shape for every layer and every prompt, and the compiled decode
-step never recompiles nor allocates cache memory. Decode attention reads the Original view and
-only the usable Quantized slots [q_first, M), a size the compiler keeps symbolic.
+step never recompiles nor allocates cache memory. Decode attention, the demotion target search
+and the score update read the Original view and only the usable Quantized slots [q_first, M), a
+size the compiler keeps symbolic.
 """
 from __future__ import annotations
 
@@ -492,10 +493,13 @@ class ARKVCache(nn.Module):
         if self.has_quantized:
             victim_stats = gather_rows(self.o_stats, victim)  # [B, Hkv, 1, 3]
             victim_kv = gather_rows(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
-            q_slot = torch.arange(self.q_pos.shape[-1], device=input_pos.device)
-            q_key = torch.where(self.q_pos < 0, -inf, self.slot_score(self.q_stats)).masked_fill(q_slot < self.q_first, inf)
-            target = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
-            demote = (victim_pos >= 0) & (q_key.gather(2, target) < self.slot_score(victim_stats))  # [B, Hkv, 1]
+            first, M = self.usable_first(), self.q_pos.shape[-1]  # the search covers [q_first, M) only
+            q_slot = torch.arange(first, M, device=input_pos.device)
+            q_key = torch.where(self.q_pos[..., first:] < 0, -inf, self.slot_score(self.q_stats[:, :, first:]))
+            q_key = q_key.masked_fill(q_slot < self.q_first, inf)  # [B, Hkv, M - first]
+            nearest = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+            target = nearest + first
+            demote = (victim_pos >= 0) & (q_key.gather(2, nearest) < self.slot_score(victim_stats))  # [B, Hkv, 1]
             # Without a demotion the Quantized write repeats the first bytes of the Original one
             # (same places, same values): the target may lie in the Original region (no Quantized
             # region), and an index_put with conflicting duplicates has no defined order.
@@ -528,6 +532,12 @@ class ARKVCache(nn.Module):
         return attention(q, self.original_view(), self.o_pos, payload, meta, self.q_pos[..., :payload.shape[2]],
                          self.config.kv_quant, self.o_capacity, self.q_first)
 
+    def usable_first(self) -> int:
+        """The first Quantized slot that can be live, at most M - 1 (slots below q_first are empty):
+        a symbolic size under torch.compile (see `slot_bound`)."""
+        M = self.q_pos.shape[-1]
+        return slot_bound(self.q_first, M - 1) if M > 0 else 0
+
     @property
     def has_quantized(self) -> bool:
         return self.slots.quantized_slots > 0 and self.config.method in ("arkv", "quant")
@@ -540,9 +550,11 @@ class ARKVCache(nn.Module):
             return
         attention = probs.mean(dim=2)  # [B, Hkv, N + M]
         N = self.o_stats.shape[2]
-        for stats, pos, a in ((self.o_stats, self.o_pos, attention[..., :N]), (self.q_stats, self.q_pos, attention[..., N:])):
-            if a.shape[-1] == 0:
-                continue
+        regions = [(self.o_stats, self.o_pos, attention[..., :N])]
+        if self.has_quantized:  # the Quantized slots [q_first, M) only: the others are empty
+            first = self.usable_first()
+            regions.append((self.q_stats[:, :, first:], self.q_pos[..., first:], attention[..., N + first:]))
+        for stats, pos, a in regions:
             mean, variance, count = stats.unbind(-1)
             if self.config.method == "h2o":
                 new = torch.stack([mean + a, variance, count + 1], dim=-1)

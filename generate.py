@@ -135,7 +135,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, eos_ids: l
             on_token(tokens[-1])
     times["first_step"] = step_times[0] if step_times else 0.0
     times["decode"] = sum(step_times[1:])  # the first step may include compilation
-    times["decode_tokens"] = len(step_times) - 1
+    times["decode_tokens"] = max(len(step_times) - 1, 0)
     return tokens, times
 
 
@@ -321,7 +321,8 @@ def run(opts: argparse.Namespace):
     print(f"prompt: {len(ids)} tokens, generated: {len(tokens)} tokens", file=sys.stderr)
     print(f"time to first token: {times['ttft']:.3f} s; first decode step: {times['first_step']:.3f} s"
           f"{' (includes compilation)' if opts.compile else ''}", file=sys.stderr)
-    print(f"decode: {rate:.2f} tokens/s over {times['decode_tokens']} steps", file=sys.stderr)
+    print(f"decode: {rate:.2f} tokens/s over {times['decode_tokens']} timed steps (the first step is not timed)"
+          if times["decode_tokens"] else "decode: too few steps to time (the first step is not timed)", file=sys.stderr)
     print(peak_memory_line(device), file=sys.stderr)
     print(f"KV cache: {model.cache_nbytes() / 2**20:.2f} MiB allocated", file=sys.stderr)
     if manager:
