@@ -4,9 +4,10 @@
     python bench.py --device cuda --dtype bfloat16    # the same on a GPU
 
 1. Decode tokens/s (decode step compiled, fullgraph) of `full`, `arkv` and `evict` at --kv-budget
-   after prompts of each --lengths; each prompt is prefilled once and loaded into every cache.
+   after prompts of each --lengths; each prompt is prefilled once and loaded into every cache, and
+   the caches of one length take turns over --rounds rounds of --steps steps (median reported).
 2. Bookkeeping: `arkv` vs `full` holding as many tokens as ARKV keeps live (O + Q, mean per layer
-   and KV head) after the longest prompt.
+   and KV head) after the longest prompt, timed in the same rounds.
 3. Prefill, each in a fresh process so that its peak memory is its own: plain (full cache) and
    chunked ARKV (--prefill-chunk, compressing after each chunk) at every length, one-shot ARKV
    (statistics, then compression) at the longest.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -80,6 +82,29 @@ def decode_rate(step, model, first: torch.Tensor, seq_len: int, steps: int) -> t
         times.append(time.perf_counter() - start)
         input_pos += 1
     return times[0], steps / sum(times[1:])
+
+
+def model_caches(model) -> list:
+    return [layer.attention.kv_cache for layer in model.layers]
+
+
+def use_caches(model, caches: list):
+    for layer, cache in zip(model.layers, caches):
+        layer.attention.kv_cache = cache
+
+
+def interleaved_rates(steps: dict, model, first: torch.Tensor, runs: dict, n_steps: int, rounds: int) -> dict:
+    """runs[name] = (caches, sequence length) -> {name: (first step seconds, median tokens/s over
+    `rounds` rounds)}. The runs take turns within each round, so that a slow patch of a shared
+    machine slows all of them rather than one; steps[name before any '@'] is its decode step."""
+    first_step, rates = {}, {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (caches, seq_len) in runs.items():
+            use_caches(model, caches)
+            seconds, rate = decode_rate(steps[name.partition("@")[0]], model, first, seq_len, n_steps)
+            first_step.setdefault(name, seconds)
+            rates[name].append(rate)
+    return {name: (first_step[name], statistics.median(rates[name])) for name in runs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +203,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096, 8160], help="prompt lengths (8160 + steps fits the default model's 8192 context)")
     parser.add_argument("--kv-budget", type=positive_int, default=512)
-    parser.add_argument("--steps", type=positive_int, default=16, help="timed decode steps per configuration")
+    parser.add_argument("--steps", type=positive_int, default=16, help="timed decode steps per configuration and round")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="rounds in which the configurations of one prompt length take turns (median reported)")
     parser.add_argument("--prefill-chunk", type=positive_int, default=512)
     parser.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--transformers", action="store_true", help="also time transformers' generate (default model only)")
@@ -211,32 +238,35 @@ def run(opts):
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     steps = {name: torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False) for name in configs}
     counters.clear()
-    decode, live = [], {}
+    decode = []
     for length in sorted(opts.lengths):
         (pendings, logits), _ = timed(prefill_once, model, ids[:length])
         first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        runs, rows = {}, {}
         for name, config in configs.items():
             manager, compress_seconds = timed(load_prefill, model, pendings, length + opts.steps + 2, config)
-            first_step, rate = decode_rate(steps[name], model, first, length, opts.steps)
-            row = dict(method=name, length=length, tokens_per_s=rate, first_step_s=first_step,
-                       load_and_compress_s=compress_seconds, kv_bytes=model.cache_nbytes())
+            rows[name] = dict(method=name, length=length, load_and_compress_s=compress_seconds, kv_bytes=model.cache_nbytes())
             if manager:
                 report = manager.report(length)
                 held = report["original"] + report["quantized"]
-                row.update(original=report["original"], quantized=report["quantized"], evicted=report["evicted"],
-                           full_bytes=report["full_bytes"], live_tokens=held / (model.args.n_layer * model.args.n_kv_heads))
-                live[(name, length)] = row["live_tokens"]
-            decode.append(row)
-            print(f"decode {name:5s} after {length:5d} tokens: {rate:6.2f} tokens/s (first step {first_step:.1f} s)",
-                  file=sys.stderr)
+                rows[name].update(original=report["original"], quantized=report["quantized"], evicted=report["evicted"],
+                                  full_bytes=report["full_bytes"],
+                                  live_tokens=held / (model.args.n_layer * model.args.n_kv_heads))
+            runs[name] = (model_caches(model), length)
         del pendings
-    # bookkeeping: full cache holding ARKV's live token count
-    equal = round(live[("arkv", longest)])
-    pendings, logits = prefill_once(model, ids[:equal])
-    first = logits[:, -1].argmax(-1, keepdim=True)
-    load_prefill(model, pendings, equal + opts.steps + 2, None)
-    _, equal_rate = decode_rate(steps["full"], model, first, equal, opts.steps)
-    del pendings
+        if length == longest:  # bookkeeping: a full cache holding as many tokens as ARKV keeps live
+            equal = round(rows["arkv"]["live_tokens"])
+            load_prefill(model, prefill_once(model, ids[:equal])[0], equal + opts.steps + 2, None)
+            runs["full@live"] = (model_caches(model), equal)
+        rates = interleaved_rates(steps, model, first, runs, opts.steps, opts.rounds)
+        for name, row in rows.items():
+            row.update(first_step_s=rates[name][0], tokens_per_s=rates[name][1])
+            decode.append(row)
+            print(f"decode {name:5s} after {length:5d} tokens: {row['tokens_per_s']:6.2f} tokens/s (median of "
+                  f"{opts.rounds}; first step {row['first_step_s']:.1f} s)", file=sys.stderr)
+        if "full@live" in rates:
+            equal_rate = rates["full@live"][1]
+        del runs
     graphs = counters["stats"]["unique_graphs"]
     jobs = [(job, length) for length in sorted(opts.lengths) for job in ("full", "chunked")] + [("arkv", longest)]
     prefill = [run_prefill_job(opts, job, length) for job, length in jobs]
