@@ -179,12 +179,13 @@ def load_prefill(model, pendings: list[dict], max_seq_len: int, config: ARKVConf
 
 @torch.no_grad()
 def decode_after(model, pendings: list[dict], logits: torch.Tensor, prompt_len: int, question_ids: list[int] | None,
-                 config: ARKVConfig | None, max_new_tokens: int, eos_ids) -> tuple[list[int], dict]:
-    """Load a recorded prefill into a fresh cache (full, or ARKV/baseline by `config`), compress it; with
-    `question_ids` (agnostic) prefill them as a chunk and compress again; then decode greedily.
-    Returns the new tokens and the cache report (token states and bytes, measured)."""
+                 config: ARKVConfig | None, max_new_tokens: int, eos_ids, cache_len: int,
+                 step=decode_one_token) -> tuple[list[int], dict]:
+    """Load a recorded prefill into a fresh cache for `cache_len` tokens (full, or ARKV/baseline by `config`),
+    compress it; with `question_ids` (agnostic) prefill them as a chunk and compress again; then decode greedily
+    with `step`. Returns the new tokens and the cache report (token states and bytes, measured)."""
     device, dtype = model.output.weight.device, model.output.weight.dtype
-    manager = load_prefill(model, pendings, prompt_len + max_new_tokens, config)
+    manager = load_prefill(model, pendings, cache_len, config)
     if question_ids:
         begin = prompt_len - len(question_ids)
         logits = model(torch.tensor([question_ids], device=device), torch.arange(begin, prompt_len, device=device),
@@ -194,7 +195,7 @@ def decode_after(model, pendings: list[dict], logits: torch.Tensor, prompt_len: 
     token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
     tokens, input_pos = [int(token)], torch.tensor([prompt_len], device=device)
     while len(tokens) < max_new_tokens and tokens[-1] not in eos_ids:
-        token = decode_one_token(model, token, input_pos, 0.0, None)
+        token = step(model, token, input_pos, 0.0, None).clone()
         tokens.append(int(token))
         input_pos += 1
     stored = prompt_len + len(tokens) - 1  # the last token is never written to the cache
@@ -209,8 +210,9 @@ def full_report(args, dtype: torch.dtype, seq_len: int) -> dict:
 
 
 def evaluate(model, tokenizer, prompt: Prompt, mode: str, methods: list[Method], budgets: list, attention: str,
-             notes: set) -> list[dict]:
-    """Every method x budget on one sample in one query mode, from a single recorded prefill."""
+             notes: set, cache_len: int, step=decode_one_token) -> list[dict]:
+    """Every method x budget on one sample in one query mode, from a single recorded prefill; caches sized for
+    `cache_len` tokens (one size for every sample, so that a compiled `step` keeps one graph for `full`)."""
     ids = prompt.context_ids + prompt.question_ids
     pendings, logits = prefill_once(model, ids if mode == "aware" else prompt.context_ids)
     question = prompt.question_ids if mode == "agnostic" else None
@@ -220,7 +222,7 @@ def evaluate(model, tokenizer, prompt: Prompt, mode: str, methods: list[Method],
             tokens_budget = None if budget is None else budget_tokens(budget, len(ids), notes)
             config = None if budget is None else arkv_config(method, tokens_budget, attention)
             tokens, report = decode_after(model, pendings, logits, len(ids), question, config, prompt.max_new_tokens,
-                                          tokenizer.eos_ids)
+                                          tokenizer.eos_ids, cache_len, step)
             prediction = tokenizer.decode([t for t in tokens if t not in tokenizer.eos_ids])
             rows.append(dict(
                 mode=mode, task=prompt.task, sample=prompt.index, depth=prompt.sample.meta.get("depth"),
@@ -372,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     parser.add_argument("--out-dir", type=Path, default=Path("eval_out"))
     parser.add_argument("--no-plot", action="store_true", help="skip plot.png (then matplotlib is not needed)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step: one graph per method and budget size (token budgets compile "
+                             "once; a percentage sizes each prompt's cache, so it compiles per prompt length)")
     return parser
 
 
@@ -416,10 +421,16 @@ def run(opts, argv: list[str]):
             raise CheckpointError(f"--context {opts.context}: {task} sample {index} needs {len(context_ids)} + "
                                   f"{len(question_ids)} + {max_new} tokens; the model context is {model.args.max_seq_len}")
         prompts.append(Prompt(task, index, sample, context_ids, question_ids, max_new))
+    cache_len = max(len(p.context_ids) + len(p.question_ids) + p.max_new_tokens for p in prompts)
+    step = decode_one_token
+    if opts.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4096)  # graphs, not steps
+        step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                             mode="reduce-overhead" if device.type == "cuda" else "default")
     results, notes = [], set()
     for prompt in tqdm(prompts, desc="eval", unit="sample", file=sys.stderr):
         for mode in opts.query_modes:
-            results += evaluate(model, tokenizer, prompt, mode, methods, budgets, attention, notes)
+            results += evaluate(model, tokenizer, prompt, mode, methods, budgets, attention, notes, cache_len, step)
     tasks = list(dict.fromkeys(opts.tasks))
     summaries = summarize(results, tasks)
     opts.out_dir.mkdir(parents=True, exist_ok=True)

@@ -150,11 +150,11 @@ def test_agnostic_equals_aware_equals_generate_for_full_and_a_covering_budget(mo
     expected = generate(model, torch.tensor([ids]), n)[0]
     aware, agnostic = ev.prefill_once(model, ids), ev.prefill_once(model, context)
     for config in (None, ARKVConfig(kv_budget=len(ids) + n, kv_quant="int8")):
-        tokens, report = ev.decode_after(model, *aware, len(ids), None, config, n, ())
+        tokens, report = ev.decode_after(model, *aware, len(ids), None, config, n, (), len(ids) + n)
         assert tokens == expected and report["evicted"] == report["quantized"] == 0
-        tokens, report = ev.decode_after(model, *agnostic, len(ids), question, config, n, ())
+        tokens, report = ev.decode_after(model, *agnostic, len(ids), question, config, n, (), len(ids) + n)
         assert tokens == expected and report["evicted"] == report["quantized"] == 0
-    _, report = ev.decode_after(model, *agnostic, len(ids), question, ARKVConfig(kv_budget=48), n, ())
+    _, report = ev.decode_after(model, *agnostic, len(ids), question, ARKVConfig(kv_budget=48), n, (), len(ids) + n)
     assert report["evicted"] > 0 and report["allocated_bytes"] == pytest.approx(48 / (len(ids) + n - 1) * report["full_bytes"])
 
 
@@ -182,3 +182,21 @@ def test_smoke_run_writes_table_results_and_plot(smollm2_checkpoint, tmp_path, c
             assert r["budget_tokens"] == round(0.25 * r["prompt_tokens"])
             assert math.isclose(r["memory_fraction"], r["budget_tokens"] / r["prompt_tokens"])
             assert r["held_bytes"] <= r["allocated_bytes"] < r["full_bytes"] / 3
+
+
+def test_compiled_run_equals_eager_with_one_graph_per_method_and_budget(smollm2_checkpoint, tmp_path):
+    """--compile decodes the same tokens into the same cache states as eager, and two samples x two query modes
+    compile one graph per method and budget."""
+    from torch._dynamo.utils import counters
+
+    args = ["--checkpoint", str(smollm2_checkpoint), "--context", "400", "--limit", "1", "--tasks", "niah_single_word", "niah_multivalue",
+            "--methods", "full", "arkv-paper-int4", "--budgets", "64", "--max-new-tokens", "4", "--no-plot"]
+    runs = []
+    for extra in ([], ["--compile"]):
+        torch._dynamo.reset()
+        counters.clear()
+        ev.main([*args, *extra, "--out-dir", str(tmp_path / (extra[0][2:] if extra else "eager"))])
+        results = json.loads((tmp_path / (extra[0][2:] if extra else "eager") / "results.json").read_text())["results"]
+        runs.append([(r["mode"], r["method"], r["prediction"], r["original"], r["quantized"], r["evicted"]) for r in results])
+    assert runs[0] == runs[1] and len(runs[0]) == 2 * 2 * 2
+    assert counters["stats"]["unique_graphs"] == 2
