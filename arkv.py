@@ -493,13 +493,15 @@ class ARKVCache(nn.Module):
         if self.has_quantized:
             victim_stats = gather_rows(self.o_stats, victim)  # [B, Hkv, 1, 3]
             victim_kv = gather_rows(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
-            first, M = self.usable_first(), self.q_pos.shape[-1]  # the search covers [q_first, M) only
+            # the target search covers [first, M); a slot below q_first (first < q_first on the Triton
+            # path, or when q_first == M) is never a target
+            first, M = self.usable_first(), self.q_pos.shape[-1]
             q_slot = torch.arange(first, M, device=input_pos.device)
             q_key = torch.where(self.q_pos[..., first:] < 0, -inf, self.slot_score(self.q_stats[:, :, first:]))
             q_key = q_key.masked_fill(q_slot < self.q_first, inf)  # [B, Hkv, M - first]
-            nearest = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
-            target = nearest + first
-            demote = (victim_pos >= 0) & (q_key.gather(2, nearest) < self.slot_score(victim_stats))  # [B, Hkv, 1]
+            offset = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+            target = offset + first
+            demote = (victim_pos >= 0) & (q_key.gather(2, offset) < self.slot_score(victim_stats))  # [B, Hkv, 1]
             # Without a demotion the Quantized write repeats the first bytes of the Original one
             # (same places, same values): the target may lie in the Original region (no Quantized
             # region), and an index_put with conflicting duplicates has no defined order.
@@ -533,10 +535,12 @@ class ARKVCache(nn.Module):
                          self.config.kv_quant, self.o_capacity, self.q_first)
 
     def usable_first(self) -> int:
-        """The first Quantized slot that can be live, at most M - 1 (slots below q_first are empty):
-        a symbolic size under torch.compile (see `slot_bound`)."""
-        M = self.q_pos.shape[-1]
-        return slot_bound(self.q_first, M - 1) if M > 0 else 0
+        """Where the Quantized slots that can be live begin (those below q_first are empty): q_first
+        clamped to M - 1, a symbolic size under torch.compile (see `slot_bound`). On the Triton path
+        0 (the whole view, masked): reading q_first on the host would keep CUDA graphs out."""
+        if self.config.attention == "triton":
+            return 0
+        return slot_bound(self.q_first, self.q_pos.shape[-1] - 1)
 
     @property
     def has_quantized(self) -> bool:

@@ -85,23 +85,27 @@ def decode_rate(step, model, first: torch.Tensor, seq_len: int, steps: int) -> t
 
 
 def model_caches(model) -> list:
+    """The caches the model's layers hold now."""
     return [layer.attention.kv_cache for layer in model.layers]
 
 
 def use_caches(model, caches: list):
+    """Put back caches taken with model_caches (same shapes: the compiled step does not recompile)."""
     for layer, cache in zip(model.layers, caches):
         layer.attention.kv_cache = cache
 
 
-def interleaved_rates(steps: dict, model, first: torch.Tensor, runs: dict, n_steps: int, rounds: int) -> dict:
+def interleaved_rates(decode_steps: dict, model, first: torch.Tensor, runs: dict, steps: int, rounds: int) -> dict:
     """runs[name] = (caches, sequence length) -> {name: (first step seconds, median tokens/s over
-    `rounds` rounds)}. The runs take turns within each round, so that a slow patch of a shared
-    machine slows all of them rather than one; steps[name before any '@'] is its decode step."""
+    `rounds` rounds of `steps` steps)}. The runs take turns within each round, so that a slow patch
+    of a shared machine slows all of them rather than one; decode_steps[name before any '@'] is its
+    compiled step. Every round restarts at the sequence length on the state the last one left: the
+    shapes, hence the cost, are the same."""
     first_step, rates = {}, {name: [] for name in runs}
     for _ in range(rounds):
         for name, (caches, seq_len) in runs.items():
             use_caches(model, caches)
-            seconds, rate = decode_rate(steps[name.partition("@")[0]], model, first, seq_len, n_steps)
+            seconds, rate = decode_rate(decode_steps[name.partition("@")[0]], model, first, seq_len, steps)
             first_step.setdefault(name, seconds)
             rates[name].append(rate)
     return {name: (first_step[name], statistics.median(rates[name])) for name in runs}
@@ -236,9 +240,11 @@ def run(opts):
                "arkv": ARKVConfig(kv_budget=opts.kv_budget, attention=attention),
                "evict": ARKVConfig(kv_budget=opts.kv_budget, method="evict", attention=attention)}
     mode = "reduce-overhead" if device.type == "cuda" else "default"
-    steps = {name: torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False) for name in configs}
+    # static shapes: dynamic=True would make the blocks' float constants symbolic, which a nested
+    # compile region does not take; each full-cache size compiles once (about 12 s on this CPU)
+    decode_steps = {name: torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False) for name in configs}
     counters.clear()
-    decode = []
+    decode, equal, equal_rate = [], None, None
     for length in sorted(opts.lengths):
         (pendings, logits), _ = timed(prefill_once, model, ids[:length])
         first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
@@ -255,16 +261,16 @@ def run(opts):
             runs[name] = (model_caches(model), length)
         del pendings
         if length == longest:  # bookkeeping: a full cache holding as many tokens as ARKV keeps live
-            equal = round(rows["arkv"]["live_tokens"])
+            equal = round(rows["arkv"]["live_tokens"])  # (it decodes from this prompt's first token too)
             load_prefill(model, prefill_once(model, ids[:equal])[0], equal + opts.steps + 2, None)
             runs["full@live"] = (model_caches(model), equal)
-        rates = interleaved_rates(steps, model, first, runs, opts.steps, opts.rounds)
+        rates = interleaved_rates(decode_steps, model, first, runs, opts.steps, opts.rounds)
         for name, row in rows.items():
             row.update(first_step_s=rates[name][0], tokens_per_s=rates[name][1])
             decode.append(row)
             print(f"decode {name:5s} after {length:5d} tokens: {row['tokens_per_s']:6.2f} tokens/s (median of "
                   f"{opts.rounds}; first step {row['first_step_s']:.1f} s)", file=sys.stderr)
-        if "full@live" in rates:
+        if length == longest:
             equal_rate = rates["full@live"][1]
         del runs
     graphs = counters["stats"]["unique_graphs"]

@@ -181,11 +181,13 @@ def load_prefill(model, pendings: list[dict], max_seq_len: int, config: ARKVConf
 def decode_after(model, pendings: list[dict], logits: torch.Tensor, prompt_len: int, question_ids: list[int] | None,
                  config: ARKVConfig | None, max_new_tokens: int, eos_ids, cache_len: int,
                  step=decode_one_token) -> tuple[list[int], dict]:
-    """Load a recorded prefill into a fresh cache for `cache_len` tokens (full, or ARKV/baseline by `config`),
-    compress it; with `question_ids` (agnostic) prefill them as a chunk and compress again; then decode greedily
-    with `step`. Returns the new tokens and the cache report (token states and bytes, measured)."""
+    """Load a recorded prefill into a fresh cache (full, or ARKV/baseline by `config`), compress it; with
+    `question_ids` (agnostic) prefill them as a chunk and compress again; then decode greedily with `step`.
+    A full cache is sized for `cache_len` tokens, one size for every sample (so a compiled `step` keeps one
+    graph); an ARKV arena depends on the budget only, and ARKV reads the sequence length from the size.
+    Returns the new tokens and the cache report (token states and bytes, measured)."""
     device, dtype = model.output.weight.device, model.output.weight.dtype
-    manager = load_prefill(model, pendings, cache_len, config)
+    manager = load_prefill(model, pendings, prompt_len + max_new_tokens if config else cache_len, config)
     if question_ids:
         begin = prompt_len - len(question_ids)
         logits = model(torch.tensor([question_ids], device=device), torch.arange(begin, prompt_len, device=device),
@@ -211,8 +213,8 @@ def full_report(args, dtype: torch.dtype, seq_len: int) -> dict:
 
 def evaluate(model, tokenizer, prompt: Prompt, mode: str, methods: list[Method], budgets: list, attention: str,
              notes: set, cache_len: int, step=decode_one_token) -> list[dict]:
-    """Every method x budget on one sample in one query mode, from a single recorded prefill; caches sized for
-    `cache_len` tokens (one size for every sample, so that a compiled `step` keeps one graph for `full`)."""
+    """Every method x budget on one sample in one query mode, from a single recorded prefill (`cache_len`: see
+    decode_after)."""
     ids = prompt.context_ids + prompt.question_ids
     pendings, logits = prefill_once(model, ids if mode == "aware" else prompt.context_ids)
     question = prompt.question_ids if mode == "agnostic" else None
@@ -424,7 +426,8 @@ def run(opts, argv: list[str]):
     cache_len = max(len(p.context_ids) + len(p.question_ids) + p.max_new_tokens for p in prompts)
     step = decode_one_token
     if opts.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4096)  # graphs, not steps
+        for limit in ("recompile_limit", "accumulated_recompile_limit"):  # graphs (methods x budget sizes), not steps
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4096))
         step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
                              mode="reduce-overhead" if device.type == "cuda" else "default")
     results, notes = [], set()

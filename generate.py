@@ -321,8 +321,8 @@ def run(opts: argparse.Namespace):
     print(f"prompt: {len(ids)} tokens, generated: {len(tokens)} tokens", file=sys.stderr)
     print(f"time to first token: {times['ttft']:.3f} s; first decode step: {times['first_step']:.3f} s"
           f"{' (includes compilation)' if opts.compile else ''}", file=sys.stderr)
-    print(f"decode: {rate:.2f} tokens/s over {times['decode_tokens']} timed steps (the first step is not timed)"
-          if times["decode_tokens"] else "decode: too few steps to time (the first step is not timed)", file=sys.stderr)
+    print(f"decode: {rate:.2f} tokens/s over {times['decode_tokens']} steps (the first step excluded)"
+          if times["decode_tokens"] else "decode: too few steps to time (the first step excluded)", file=sys.stderr)
     print(peak_memory_line(device), file=sys.stderr)
     print(f"KV cache: {model.cache_nbytes() / 2**20:.2f} MiB allocated", file=sys.stderr)
     if manager:
