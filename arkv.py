@@ -469,13 +469,15 @@ class ARKVCache(nn.Module):
     # -- decode -----------------------------------------------------------------------------
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Place the new token (demoting or evicting one), then attend over the tri-state cache
-        and update the slot scores with this step's attention."""
-        self.place(torch.stack([k, v], dim=3), input_pos)  # kv [B, Hkv, 1, 2, D]
+        and update the slot scores with this step's attention. `first` (see usable_first) is read
+        once for both the demotion search and the score update."""
+        first = self.usable_first() if self.has_quantized else 0
+        self.place(torch.stack([k, v], dim=3), input_pos, first)  # kv [B, Hkv, 1, 2, D]
         y, probs = self.attend(q)
-        self.update_stats(probs)
+        self.update_stats(probs, first)
         return y
 
-    def place(self, new_kv: Tensor, input_pos: Tensor):
+    def place(self, new_kv: Tensor, input_pos: Tensor, first: int):
         """The new token takes a free Original slot; with none free, the weakest Original token
         outside the window (the token leaving the window included) is demoted: quantized once
         into a free Quantized slot, or over the weakest Quantized token if that one scores lower
@@ -495,7 +497,7 @@ class ARKVCache(nn.Module):
             victim_kv = gather_rows(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
             # the target search covers [first, M); a slot below q_first (first < q_first on the Triton
             # path, or when q_first == M) is never a target
-            first, M = self.usable_first(), self.q_pos.shape[-1]
+            M = self.q_pos.shape[-1]
             q_slot = torch.arange(first, M, device=input_pos.device)
             q_key = torch.where(self.q_pos[..., first:] < 0, -inf, self.slot_score(self.q_stats[:, :, first:]))
             q_key = q_key.masked_fill(q_slot < self.q_first, inf)  # [B, Hkv, M - first]
@@ -546,7 +548,7 @@ class ARKVCache(nn.Module):
     def has_quantized(self) -> bool:
         return self.slots.quantized_slots > 0 and self.config.method in ("arkv", "quant")
 
-    def update_stats(self, probs: Tensor):
+    def update_stats(self, probs: Tensor, first: int):
         """Running mean and variance of each slot's attention (averaged over the GQA group) over
         about the last W decode queries: weight max(1 / (n + 1), 1 / W) (Welford, then EMA);
         H2O adds the attention instead; StreamingLLM keeps the position."""
@@ -555,8 +557,7 @@ class ARKVCache(nn.Module):
         attention = probs.mean(dim=2)  # [B, Hkv, N + M]
         N = self.o_stats.shape[2]
         regions = [(self.o_stats, self.o_pos, attention[..., :N])]
-        if self.has_quantized:  # the Quantized slots [q_first, M) only: the others are empty
-            first = self.usable_first()
+        if self.has_quantized:  # the Quantized slots [first, M) only: those below q_first are empty
             regions.append((self.q_stats[:, :, first:], self.q_pos[..., first:], attention[..., N + first:]))
         for stats, pos, a in regions:
             mean, variance, count = stats.unbind(-1)
