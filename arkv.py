@@ -72,11 +72,40 @@ class ARKVConfig:
 # ---------------------------------------------------------------------------------------------
 # Quantization formats. A quantized token stores, for K and for V, a payload (uint8 bytes) and
 # per-token (fp8, int8) or per-group (int4) float metadata, all counted in `bytes_quantized`.
+#
+# Numbers that cannot break the cache. Each K (or V) row of a token and KV head is quantized on its
+# own (int4: each group of 32 channels of it), so nothing in one row reaches another row, head or
+# token. Within a row (group), the scale and zero come from its finite values only: finite values
+# keep the error bounds below whatever else the row holds. +-inf is stored as the row's extreme
+# code (int8, fp8: +-max|x| of its finite values; int4: z + 15 s or z). A NaN makes the row's
+# (group's) metadata NaN: the row reads back NaN, which decode attention treats as it treats a NaN
+# in the Original region, where a NaN K or V already makes that KV head's output NaN for every
+# query that sees the token; no other head and no other token is touched. Finite values past the
+# range a format's float32 arithmetic can reach saturate: |x| > 127/128 float32-max (int8),
+# 7/8 float32-max (fp8), 2^126 (int4).
+
+
+def symmetric_scale(x: Tensor, levels: float) -> tuple[Tensor, Tensor]:
+    """The per-row scale of a symmetric format with codes in [-levels, levels].
+
+    s = max|x| / levels over the row's finite x, rounded up where the float32 quotient fell below
+    it (a subnormal max|x| / levels can round far down, to 0 even), so that |x| <= levels s;
+    at most float32-max / 2^ceil(log2 levels), so that levels s stays finite (larger |x| saturate);
+    1 for a row without a nonzero finite value (its codes are 0); NaN for a row holding a NaN.
+
+    x [..., D] -> (x as float32 with +-inf replaced by +-max|x|, scale [..., 1] float32)."""
+    x = x.float()
+    amax = torch.where(x.isfinite(), x.abs(), 0.0).amax(-1, keepdim=True)  # [..., 1]
+    scale = amax / levels
+    scale = torch.where(scale * levels < amax, scale.nextafter(torch.tensor(torch.inf)), scale)
+    scale = torch.where(amax > 0, scale.clamp_max(torch.finfo(torch.float32).max / 2 ** math.ceil(math.log2(levels))), 1.0)
+    return x.clamp(-amax, amax), scale.masked_fill(x.isnan().any(-1, keepdim=True), torch.nan)
 
 
 class Fp8:
-    """FP8 e4m3 with one float32 scale per token: s = max|x| / 448, x ~ e4m3(x / s) * s.
-    Relative error <= 2^-4 for normal values (3 mantissa bits)."""
+    """FP8 e4m3 with one float32 scale per token (`symmetric_scale`, levels 448):
+    x ~ e4m3(x / s) s, x / s in [-448, 448]. e4m3 keeps 3 mantissa bits for |x / s| >= 2^-6 and a
+    fixed step 2^-9 below (OCP FP8 spec), so the error is <= 2^-4 |x| + 2^-10 s for |x| <= 448 s."""
     meta_dtype = torch.float32
 
     @staticmethod
@@ -89,9 +118,9 @@ class Fp8:
 
     @staticmethod
     def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-        amax = x.abs().amax(-1, keepdim=True).float()
-        scale = torch.where(amax > 0, amax / 448.0, 1.0)  # [..., 1]
-        payload = (x.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+        """The clamp saturates past 448 s: e4m3fn has no infinity (out-of-range casts may give NaN)."""
+        x, scale = symmetric_scale(x, 448.0)
+        payload = (x / scale).clamp(-448, 448).nan_to_num(0.0).to(torch.float8_e4m3fn).view(torch.uint8)
         return payload, scale
 
     @staticmethod
@@ -100,16 +129,15 @@ class Fp8:
 
 
 class Int8:
-    """Symmetric int8 with one float32 scale per token: s = max|x| / 127, q = round(x / s).
-    Elementwise error <= s / 2."""
+    """Symmetric int8 with one float32 scale per token (`symmetric_scale`, levels 127):
+    q = round(x / s) in [-127, 127], x ~ q s. Elementwise error <= s / 2 for |x| <= 127 s."""
     meta_dtype = torch.float32
     payload_bytes, meta_count = Fp8.payload_bytes, Fp8.meta_count
 
     @staticmethod
     def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-        amax = x.abs().amax(-1, keepdim=True).float()
-        scale = torch.where(amax > 0, amax / 127.0, 1.0)  # [..., 1]
-        q = torch.round(x.float() / scale).clamp(-127, 127)
+        x, scale = symmetric_scale(x, 127.0)
+        q = torch.round(x / scale).clamp(-127, 127).nan_to_num(0.0)  # a NaN row: codes 0, scale NaN
         return q.to(torch.int8).view(torch.uint8), scale
 
     @staticmethod
@@ -118,12 +146,20 @@ class Int8:
 
 
 class Int4:
-    """Asymmetric 4-bit per group of 32 channels (KIVI-style), two values packed per byte, float16
-    scale and zero point: s = (max - min) / 15, q = round((x - z) / s) in [0, 15], x ~ q s + z.
-    The float16 zero is rounded down and the scale up, so every x lies in [z, z + 15 s] and the
-    elementwise error is <= s / 2."""
-    meta_dtype = torch.float16
+    """Asymmetric 4-bit per group of 32 channels (KIVI-style), two values packed per byte, bfloat16
+    scale and zero point per group: with lo, hi the group's finite minimum and maximum clamped to
+    +-2^126, z = lo rounded down and s = (hi - z) / 15 rounded up to bfloat16,
+    q = round((x - z) / s) in [0, 15], x ~ q s + z. Every x in [lo, hi] lies in [z, z + 15 s], so
+    the elementwise error is <= s / 2 (plus |x| - 2^126 past the clamp).
+
+    bfloat16 has float32's exponent range, so z and s hold any group (float16 overflowed past
+    65504); its 8-bit mantissa cost MEASURED relative MSE on SmolLM2-135M's K/V against float16, for
+    the same 4 bytes per group (float32 would take 8). The clamp at 2^126 keeps float32 arithmetic
+    finite: hi - z <= 2^127, so 15 s (hi - z rounded up by at most 2 bfloat16 steps) and
+    z + q s stay far below float32's overflow at 2^128."""
+    meta_dtype = torch.bfloat16
     group = 32
+    limit = 2.0**126
 
     @staticmethod
     def payload_bytes(head_dim: int) -> int:
@@ -136,15 +172,23 @@ class Int4:
     @classmethod
     def quantize(cls, x: Tensor) -> tuple[Tensor, Tensor]:
         groups = x.float().unflatten(-1, (-1, cls.group))  # [..., D/g, g]
-        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # [..., D/g, 1]
-        zero = lo.half()
-        zero = torch.where(zero.float() > lo, zero.nextafter(torch.tensor(-torch.inf, dtype=torch.half)), zero)
-        scale = ((hi - zero.float()) / 15).half()
-        scale = torch.where(zero.float() + 15 * scale.float() < hi, scale.nextafter(torch.tensor(torch.inf, dtype=torch.half)), scale)
+        finite = groups.isfinite()
+        lo = torch.where(finite, groups, torch.inf).amin(-1, keepdim=True)  # [..., D/g, 1]
+        hi = torch.where(finite, groups, -torch.inf).amax(-1, keepdim=True)
+        empty = lo > hi  # no finite value: +-inf read back as 0
+        lo = torch.where(empty, 0.0, lo).clamp(-cls.limit, cls.limit)
+        hi = torch.where(empty, 0.0, hi).clamp(-cls.limit, cls.limit)
+        dtype = cls.meta_dtype
+        zero = lo.to(dtype)
+        zero = torch.where(zero.float() > lo, zero.nextafter(torch.tensor(-torch.inf, dtype=dtype)), zero)
+        scale = ((hi - zero.float()) / 15).to(dtype)
+        scale = torch.where(zero.float() + 15 * scale.float() < hi, scale.nextafter(torch.tensor(torch.inf, dtype=dtype)), scale)
         safe_scale = torch.where(scale > 0, scale.float(), 1.0)
-        q = torch.round((groups - zero.float()) / safe_scale).clamp(0, 15).to(torch.uint8).flatten(-2)  # [..., D]
+        q = torch.round((groups - zero.float()) / safe_scale).clamp(0, 15).nan_to_num(0.0)  # +-inf -> 15 or 0
+        q = q.to(torch.uint8).flatten(-2)  # [..., D]
         payload = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., D/2]
-        return payload, torch.cat([scale, zero], dim=-1).flatten(-2)  # meta [..., D/g * 2]
+        meta = torch.cat([scale, zero], dim=-1).masked_fill(groups.isnan().any(-1, keepdim=True), torch.nan)
+        return payload, meta.flatten(-2)  # meta [..., D/g * 2]
 
     @classmethod
     def dequantize(cls, payload: Tensor, meta: Tensor) -> Tensor:
@@ -216,6 +260,23 @@ def token_statistics(probs: Tensor, gamma: float, pool_kernel: int) -> tuple[Ten
     pooled = F.avg_pool1d(score.flatten(0, 1)[:, None], pool_kernel, stride=1, padding=pool_kernel // 2,
                           count_include_pad=False)  # [B * Hkv, 1, T]
     return mean, variance, pooled.view_as(score)
+
+
+def window_pending(config: ARKVConfig, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, keys: Tensor,
+                   key_pos: Tensor, order: Tensor | None = None) -> dict:
+    """What a layer holds after a prefill (or prefill chunk) until compression: the chunk's K/V
+    (k, v [B, Hkv, S, D]), the candidates' positions key_pos [B, Hkv, T] (keys [B, Hkv, T, D],
+    sorted by position; `order` maps them to held slots + chunk, None when they are the chunk)
+    and the window statistics of the last W = min(window, S) queries of q [B, H, S, D]: token
+    scores and the layer's (entropy, variance, kurtosis) over the keys before the window."""
+    S, window = q.shape[2], config.window
+    W, seq_len = min(window, S), int(input_pos[-1]) + 1
+    probs = window_probabilities(q[:, :, S - W:], keys, input_pos[S - W:], key_pos)  # [B, Hkv, G, W, T]
+    mean, variance, score = token_statistics(probs, config.gamma, config.pool_kernel)
+    before_window = (key_pos >= 0) & (key_pos < seq_len - window)
+    stats = layer_statistics(probs, before_window) if seq_len > window else (1.0, 1.0, 1.0)
+    return dict(k=k, v=v, pos=key_pos, order=order, seq_len=seq_len, mean=mean, variance=variance, score=score,
+                count=W, stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +360,8 @@ class ARKVCache(nn.Module):
         self.register_buffer("q_pos", torch.full((B, n_kv_heads, M), -1), persistent=False)
         self.register_buffer("o_stats", torch.zeros(B, n_kv_heads, N, 3), persistent=False)
         self.register_buffer("q_stats", torch.zeros(B, n_kv_heads, M, 3), persistent=False)
-        self.register_buffer("o_capacity", torch.tensor(N), persistent=False)
-        self.register_buffer("q_first", torch.tensor(M), persistent=False)  # first slot of the Quantized region
+        self.register_buffer("o_capacity", torch.full((B,), N), persistent=False)  # per row: Original slots usable
+        self.register_buffer("q_first", torch.full((B,), M), persistent=False)  # per row: first Quantized slot
         self.pending: dict | None = None
 
     # Views of the arena. Reads go through typed views: [B, Hkv, N, 2, D] Original K/V, and per
@@ -366,14 +427,8 @@ class ARKVCache(nn.Module):
             visible = (key_pos[:, :, None] <= input_pos[:, None]) & (key_pos[:, :, None] >= 0)  # [B, Hkv, S, T]
             mask = visible.repeat_interleave(H // n_kv_heads, dim=1)  # [B, H, S, T]
             y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, enable_gqa=True).to(q.dtype)
-        W, seq_len = min(window, S), int(input_pos[-1]) + 1
-        probs = window_probabilities(q[:, :, S - W:], keys, input_pos[S - W:], key_pos)  # [B, Hkv, G, W, T]
-        mean, variance, score = token_statistics(probs, self.config.gamma, self.config.pool_kernel)
-        before_window = (key_pos >= 0) & (key_pos < seq_len - window)
-        stats = layer_statistics(probs, before_window) if seq_len > window else (1.0, 1.0, 1.0)
         # contiguous copies: k and v are views of larger projection outputs that must not stay alive
-        self.pending = dict(k=k.contiguous(), v=v.contiguous(), pos=key_pos, order=order, seq_len=seq_len,
-                            mean=mean, variance=variance, score=score, count=W, stats=stats)
+        self.pending = window_pending(self.config, q, k.contiguous(), v.contiguous(), input_pos, keys, key_pos, order)
         return y
 
     def held_tokens(self) -> tuple[Tensor, Tensor]:
@@ -470,15 +525,15 @@ class ARKVCache(nn.Module):
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Place the new token (demoting or evicting one), then attend over the tri-state cache
         and update the slot scores with this step's attention. `first` (see usable_first) is read
-        once for both the demotion search and the score update."""
+        once for both the demotion search and the score update. input_pos [1] or [B, 1]."""
         first = self.usable_first() if self.has_quantized else 0
-        self.place(torch.stack([k, v], dim=3), input_pos, first)  # kv [B, Hkv, 1, 2, D]
+        self.place(torch.stack([k, v], dim=3), input_pos.view(-1, 1, 1), first)  # kv [B, Hkv, 1, 2, D]
         y, probs = self.attend(q)
         self.update_stats(probs, first)
         return y
 
     def place(self, new_kv: Tensor, input_pos: Tensor, first: int):
-        """The new token takes a free Original slot; with none free, the weakest Original token
+        """input_pos [B or 1, 1, 1]. The new token takes a free Original slot; with none free, the weakest Original token
         outside the window (the token leaving the window included) is demoted: quantized once
         into a free Quantized slot, or over the weakest Quantized token if that one scores lower
         (which is evicted), else evicted itself."""
@@ -486,7 +541,7 @@ class ARKVCache(nn.Module):
         o_slot = torch.arange(self.o_pos.shape[-1], device=input_pos.device)
         o_score = self.slot_score(self.o_stats)
         o_key = torch.where(self.o_pos > input_pos - window, inf, o_score)  # window tokens stay
-        o_key = torch.where(self.o_pos < 0, -inf, o_key).masked_fill(o_slot >= self.o_capacity, inf)
+        o_key = torch.where(self.o_pos < 0, -inf, o_key).masked_fill(o_slot >= self.o_capacity[:, None, None], inf)
         victim = o_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
         victim_pos = self.o_pos.gather(2, victim)  # [B, Hkv, 1]
         o_index = self.byte_index(victim, self.slots.bytes_original)  # [B, Hkv, bytes_original]
@@ -500,7 +555,7 @@ class ARKVCache(nn.Module):
             M = self.q_pos.shape[-1]
             q_slot = torch.arange(first, M, device=input_pos.device)
             q_key = torch.where(self.q_pos[..., first:] < 0, -inf, self.slot_score(self.q_stats[:, :, first:]))
-            q_key = q_key.masked_fill(q_slot < self.q_first, inf)  # [B, Hkv, M - first]
+            q_key = q_key.masked_fill(q_slot < self.q_first[:, None, None], inf)  # [B, Hkv, M - first]
             offset = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
             target = offset + first
             demote = (victim_pos >= 0) & (q_key.gather(2, offset) < self.slot_score(victim_stats))  # [B, Hkv, 1]
@@ -542,7 +597,7 @@ class ARKVCache(nn.Module):
         0 (the whole view, masked): reading q_first on the host would keep CUDA graphs out."""
         if self.config.attention == "triton":
             return 0
-        return slot_bound(self.q_first, self.q_pos.shape[-1] - 1)
+        return slot_bound(self.q_first.min(), self.q_pos.shape[-1] - 1)
 
     @property
     def has_quantized(self) -> bool:
@@ -569,13 +624,34 @@ class ARKVCache(nn.Module):
                 new = torch.stack([mean + weight * delta, (1 - weight) * (variance + weight * delta**2), count + 1], dim=-1)
             stats.copy_(torch.where((pos >= 0)[..., None], new, stats))
 
-    def counts(self) -> tuple[int, int]:
-        """(Original, Quantized) tokens held, counted from the stored positions."""
-        return int((self.o_pos >= 0).sum()), int((self.q_pos >= 0).sum())
+    def counts(self, row: int) -> tuple[int, int]:
+        """(Original, Quantized) tokens held by one batch row, counted from the stored positions."""
+        return int((self.o_pos[row] >= 0).sum()), int((self.q_pos[row] >= 0).sum())
 
     def nbytes(self) -> int:
         """Bytes of K/V storage allocated (the arena)."""
         return self.arena.nbytes
+
+    @classmethod
+    def stack(cls, rows: list["ARKVCache"], kv_budget: int) -> "ARKVCache":
+        """One batched cache whose row b holds rows[b]: one-row caches of one method, compressed,
+        with budgets up to `kv_budget`. Every row's decisions stay what they were alone: Original
+        slots keep their indices, the Quantized region keeps its order at the end of the larger
+        arena (slot j -> j + M - M_b), and each row keeps its capacities (o_capacity, q_first)."""
+        base = rows[0]
+        slots = SlotGeometry(kv_budget, base.slots.window, base.slots.bytes_original, base.slots.bytes_quantized)
+        config = ARKVConfig(**{**vars(base.config), "kv_budget": kv_budget})
+        cache = cls(config, slots, len(rows), base.arena.shape[1], base.head_dim, base.dtype).to(base.arena.device)
+        M, size_o, size_q = slots.quantized_slots, slots.bytes_original, slots.bytes_quantized
+        for b, row in enumerate(rows):
+            shift = M - row.slots.quantized_slots
+            n_o, q_first = int(row.o_capacity[0]), int(row.q_first[0])
+            cache.arena[b, :, :n_o * size_o] = row.arena[0, :, :n_o * size_o]  # the live bytes of both regions
+            cache.arena[b, :, (q_first + shift) * size_q:M * size_q] = row.arena[0, :, q_first * size_q:(M - shift) * size_q]
+            cache.o_pos[b, :, :row.o_pos.shape[-1]], cache.o_stats[b, :, :row.o_pos.shape[-1]] = row.o_pos[0], row.o_stats[0]
+            cache.q_pos[b, :, shift:], cache.q_stats[b, :, shift:] = row.q_pos[0], row.q_stats[0]
+            cache.o_capacity[b], cache.q_first[b] = n_o, q_first + shift
+        return cache
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -602,8 +678,8 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
 
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P], meta [B, Hkv, M, 2, m];
     original_pos [B, Hkv, N], quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities
-    [B, Hkv, G, N + M] (float32). Of the Quantized view it reads only the slots that can be live,
-    [q_first, M), so its cost follows the budget's bytes, not the arena's M slots; the others get
+    [B, Hkv, G, N + M] (float32); original_slots and quantized_first [B] per row. Of the Quantized
+    view it reads only the slots that can be live in some row, [min q_first, M), so its cost follows the budget's bytes, not the arena's M slots; the others get
     probability 0. q_first is read from its tensor as a size that the compiler keeps symbolic: one
     graph serves every split. The range spans at least 2 slots (extra ones are dead, hence
     masked): the compiler's matmul needs a size it can prove is not 1. The Original view is read
@@ -611,7 +687,7 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     B, H, _, D = q.shape
     n_kv_heads, N, M = kv_original.shape[1], kv_original.shape[2], payload.shape[2]
     G = H // n_kv_heads
-    first = 0 if quantized_first is None or M < 2 else slot_bound(quantized_first, M - 2)
+    first = 0 if quantized_first is None or M < 2 else slot_bound(quantized_first.min(), M - 2)
     kv_q = FORMATS[kv_quant].dequantize(payload[:, :, first:], meta[:, :, first:])  # [B, Hkv, M - q_first, 2, D]
     pos = torch.cat([original_pos, quantized_pos[..., first:]], dim=-1)  # [B, Hkv, T]
     kv_o = kv_original.float()  # [B, Hkv, N, 2, D]
@@ -646,7 +722,8 @@ class ARKV:
     """`setup_caches(..., cache_factory=arkv.cache_factory)`, prefill, then `compress()`."""
 
     def __init__(self, config: ARKVConfig, args: ModelArgs, dtype: torch.dtype):
-        self.config, self.args = config, args
+        """`dtype`: the dtype Original K/V are stored in (the model's, or `--kv-dtype`)."""
+        self.config, self.args, self.dtype = config, args, dtype
         fmt = FORMATS[config.kv_quant]
         if args.head_dim % (2 * Int4.group if config.kv_quant == "int4" else 2):
             raise ValueError(f"--kv-quant {config.kv_quant}: head_dim {args.head_dim} is not supported")
@@ -655,6 +732,7 @@ class ARKV:
         self.caches: list[ARKVCache] = []
         self.shares: list[float] = []
         self.max_seq_len = 0
+        self.row_bytes: list[int] | None = None  # per batch row, when rows were stacked from separate caches
 
     def cache_factory(self, layer: int, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> ARKVCache:
         if layer == 0:
@@ -676,16 +754,29 @@ class ARKV:
         for cache, rho in zip(self.caches, self.shares):
             cache.assign(*self.slots.capacities(rho))
 
-    def report(self, seq_len: int) -> dict:
-        """Measured from the stored state: tokens per state and bytes held vs a full cache."""
+    def report(self, seq_len: int, row: int = 0) -> dict:
+        """Measured from the stored state of one batch row holding a sequence of `seq_len` tokens:
+        tokens per state, bytes held and allocated for that row, and a full cache's bytes."""
         original = quantized = 0
         for cache in self.caches:
-            o, q = cache.counts()
+            o, q = cache.counts(row)
             original, quantized = original + o, quantized + q
         B, Hkv = self.caches[0].o_pos.shape[:2]
-        total = seq_len * B * Hkv * len(self.caches)
+        total = seq_len * Hkv * len(self.caches)
         full_bytes = total * self.slots.bytes_original
         held = original * self.slots.bytes_original + quantized * self.slots.bytes_quantized
-        allocated = sum(cache.nbytes() for cache in self.caches)
+        allocated = self.row_bytes[row] if self.row_bytes else sum(cache.nbytes() for cache in self.caches) // B
         return dict(original=original, quantized=quantized, evicted=total - original - quantized,
                     held_bytes=held, allocated_bytes=allocated, full_bytes=full_bytes, shares=list(self.shares))
+
+    @classmethod
+    def stack(cls, managers: list["ARKV"], kv_budget: int) -> "ARKV":
+        """One manager whose caches hold the compressed one-row caches of `managers` (one method,
+        budgets up to `kv_budget`) as batch rows (`ARKVCache.stack`), for decoding them together.
+        Each row reports the bytes its own caches allocated."""
+        base = managers[0]
+        stacked = cls(ARKVConfig(**{**vars(base.config), "kv_budget": kv_budget}), base.args, base.dtype)
+        stacked.caches = [ARKVCache.stack(list(layer), kv_budget) for layer in zip(*(m.caches for m in managers))]
+        stacked.row_bytes = [sum(cache.nbytes() for cache in m.caches) for m in managers]
+        stacked.max_seq_len = max(m.max_seq_len for m in managers)
+        return stacked

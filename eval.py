@@ -3,6 +3,7 @@
     python eval.py --context 4096 --limit 20                      # every synthetic family, default methods
     python eval.py --tasks niah_multikey longbench:hotpotqa --longbench-dir LongBench --methods full arkv-coverage-int4
     python eval.py --tasks gsm8k --gsm8k-file test.jsonl --limit 50 --budgets 50% 25% --query-modes aware
+    python eval.py --context 4096 --limit 30 --out-dir grid --resume   # continue a grid where it stopped
 
 Tasks: RULER-style synthetic families (tasks.FAMILIES; a needle at depth i / (limit - 1) in sample i),
 `longbench:<dataset>` (rows from --longbench-dir) and `gsm8k` (--gsm8k-shots worked examples as the context).
@@ -10,21 +11,30 @@ Tasks: RULER-style synthetic families (tasks.FAMILIES; a needle at depth i / (li
 Methods: full, evict, streaming, h2o, quant-<fmt>, arkv-<policy>-<fmt> (fmt: fp8 int8 int4; policy: paper coverage).
 
 Budgets: every method but `full` gets, per layer and KV head, one arena of `kv_budget` full-precision tokens (K
-and V); quantized methods fit more tokens in the same bytes. `25%` is round(0.25 * prompt tokens) per sample, so
-it is the KV-memory fraction of a full cache of the prompt for every method; `512` is 512 tokens for every sample.
-Budgets under the window + 4 (36 tokens) are raised to it. The bytes reported are measured from each cache after
-generation, against a full cache of the same sequence.
+and V, in --kv-dtype); quantized methods fit more tokens in the same bytes. `25%` is round(0.25 * prompt tokens)
+per sample, so it is the KV-memory fraction of a full cache of the prompt for every method; `512` is 512 tokens for
+every sample. Budgets under the window + 4 (36 tokens) are raised to it. The bytes reported are measured from each
+cache after generation, against a full cache of the same sequence.
+
+KV dtype: Original (and full-cache) K/V are stored in --kv-dtype, bfloat16 by default as on a GPU, so a budget
+percentage means what it means there (an int4 token is 80 of 256 bytes for SmolLM2); the model computes in --dtype
+(auto: bfloat16 on CUDA and on CPUs with AMX or AVX-512 BF16, else float32).
 
 Query modes (the same prompt ids, context then question, in both):
   aware     context and question are prefilled, then the cache is compressed (the ARKV paper's setting);
   agnostic  the context is prefilled and compressed before the question arrives; the question then goes in as a
             second prefill chunk over what the cache holds, and the cache is compressed again (kvpress's default):
             what was evicted before the question is gone.
-Each sample is prefilled once per mode; every method and budget starts from that recorded prefill. Decoding is
-greedy, up to the task's max new tokens (or --max-new-tokens), and stops at EOS.
+Each sample is prefilled once for both modes: causal attention makes the context's keys, values and queries the
+same whether the question follows or not, so the agnostic statistics come from the window ending with the context.
 
-Writes to --out-dir: results.json (every sample x method x budget x mode, the command line, the run time),
-table.md (also printed), plot.png (score vs KV-memory fraction; needs matplotlib, or pass --no-plot).
+Decoding is greedy and batched: the rows of one method (samples x modes x budgets) decode --batch-size at a time,
+each row at its own positions with its own cache state, exactly as it would alone. A row stops at EOS, at the
+task's own answer length (or --max-new-tokens), or, for one-line answers, at the end of the answer line.
+
+Writes to --out-dir: results.jsonl (a row per sample x mode x method x budget, appended as each batch finishes;
+--resume skips the rows already there), summary.json and table.md (also printed), plot.png (score vs KV-memory
+fraction; needs matplotlib, or pass --no-plot), run.json (the settings every row depends on, checked by --resume).
 """
 from __future__ import annotations
 
@@ -40,20 +50,26 @@ from pathlib import Path
 from statistics import fmean as mean
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
-from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token
+from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token, window_pending
 from generate import (DTYPES, CheckpointError, OneLineParser, decode_one_token, default_checkpoint, kv_budget,
                       load_model, positive_int, resolve_attention, resolve_device)
-from model import full_cache
+from model import KVCache, full_cache
 from tasks import FAMILIES, LONGBENCH_METRICS, Sample, load_gsm8k, load_longbench, score, synthetic_sample
 from tokenizer import load_tokenizer
 
 WINDOW = 32  # arkv's default window: the last tokens always kept Original
 MIN_BUDGET = WINDOW + 4  # streaming also keeps 4 sink tokens
+BUDGET_BUCKET = 64  # a batch's arenas are sized up to a multiple of this many tokens: fewer shapes to compile
 MODES = ("aware", "agnostic")
 DEFAULT_METHODS = ("full", "arkv-paper-int4", "arkv-coverage-int4", "arkv-paper-int8", "arkv-paper-fp8", "evict",
                    "quant-int4", "streaming", "h2o")
+ROW_SETTINGS = ("checkpoint", "context", "limit", "seed", "max_new_tokens", "haystack_file", "longbench_dir",
+                "gsm8k_file", "gsm8k_shots", "dtype", "kv_dtype")  # what a row's result depends on besides its key
 
 
 @dataclass(frozen=True)
@@ -87,11 +103,13 @@ def task_spec(text: str) -> str:
                                      f"or longbench:<dataset> with a dataset of {' '.join(LONGBENCH_METRICS)}")
 
 
-def budget_label(budget: int | float) -> str:
+def budget_label(budget: int | float | None) -> str:
+    if budget is None:
+        return "-"
     return f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
 
 
-@dataclass
+@dataclass(eq=False)
 class Prompt:
     """One sample, tokenized in two parts: the prompt is context_ids + question_ids."""
     task: str
@@ -100,6 +118,23 @@ class Prompt:
     context_ids: list[int]
     question_ids: list[int]
     max_new_tokens: int
+
+    @property
+    def length(self) -> int:
+        return len(self.context_ids) + len(self.question_ids)
+
+
+@dataclass(eq=False)
+class Row:
+    """One result to produce: a prompt in one query mode, under one method and budget (None: full)."""
+    prompt: Prompt
+    mode: str
+    method: Method
+    budget: int | float | None
+
+    @property
+    def key(self) -> tuple:
+        return self.prompt.task, self.prompt.index, self.mode, self.method.spec, budget_label(self.budget)
 
 
 def split_ids(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
@@ -148,23 +183,52 @@ def guarded(flag: str, loader, path: Path, *args):
         raise CheckpointError(f"{flag} {path}: {err}") from None
 
 
+# ---------------------------------------------------------------- one prefill per sample
+
+class PrefillRecorder(nn.Module):
+    """Every layer's cache during one prefill: causal attention over the prompt, and for each cut (the prompt's
+    end: query-aware; the context's end: query-agnostic) what an ARKV cache would hold pending had the prompt ended
+    there (arkv.window_pending). Causal attention makes the K/V and queries before a cut the same as in a prefill
+    that stops at it, so one prefill serves both modes; the cuts share one copy of the K/V."""
+
+    def __init__(self, config: ARKVConfig, cuts: list[int]):
+        super().__init__()
+        self.config, self.cuts, self.pendings = config, cuts, {}
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        keys, values = k.contiguous(), v.contiguous()  # [B, Hkv, S, D]: not views of the whole QKV projection
+        for cut in self.cuts:
+            key_pos = input_pos[:cut].expand(k.shape[0], k.shape[1], cut)
+            self.pendings[cut] = window_pending(self.config, q[:, :, :cut], keys[:, :, :cut], values[:, :, :cut],
+                                                input_pos[:cut], keys[:, :, :cut], key_pos)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 @torch.no_grad()
-def prefill_once(model, ids: list[int]) -> tuple[list[dict], torch.Tensor]:
-    """One prefill through a recording ARKV cache; returns every layer's pending prefill (K/V and statistics),
-    which any method's fresh cache can load and compress, and the last logits [1, 1, vocab]."""
-    recorder = ARKV(ARKVConfig(kv_budget=WINDOW, window=WINDOW), model.args, model.output.weight.dtype)
-    model.setup_caches(1, len(ids), recorder.cache_factory)
+def record_prefill(model, ids: list[int], cuts: list[int]) -> tuple[dict[int, list[dict]], Tensor]:
+    """One prefill of `ids`: for each cut, every layer's pending ARKV state had the prompt ended there (any
+    method's fresh cache can load and compress it), and the last logits [1, 1, vocab]."""
+    recorders = [PrefillRecorder(ARKVConfig(kv_budget=WINDOW, window=WINDOW), cuts) for _ in model.layers]
+    model.setup_caches(1, len(ids), lambda layer, *_: recorders[layer])
     device = model.output.weight.device
     logits = model(torch.tensor([ids], device=device), torch.arange(len(ids), device=device), last_only=True)
-    return [cache.pending for cache in recorder.caches], logits
+    return {cut: [r.pendings[cut] for r in recorders] for cut in cuts}, logits
+
+
+def prefill_once(model, ids: list[int]) -> tuple[list[dict], Tensor]:
+    """One prefill of `ids`: every layer's pending ARKV state and the last logits."""
+    pendings, logits = record_prefill(model, ids, [len(ids)])
+    return pendings[len(ids)], logits
 
 
 @torch.no_grad()
-def load_prefill(model, pendings: list[dict], max_seq_len: int, config: ARKVConfig | None) -> ARKV | None:
-    """Fresh caches for `max_seq_len` tokens (full, or ARKV/baseline by `config`) holding a recorded prefill;
-    ARKV compresses it. Returns the ARKV manager (None for full)."""
-    manager = ARKV(config, model.args, model.output.weight.dtype) if config else None
-    model.setup_caches(1, max_seq_len, manager.cache_factory if manager else full_cache)
+def load_prefill(model, pendings: list[dict], max_seq_len: int, config: ARKVConfig | None,
+                 kv_dtype: torch.dtype | None = None) -> ARKV | None:
+    """Fresh one-row caches for `max_seq_len` tokens (full, or ARKV/baseline by `config`), K/V stored in `kv_dtype`
+    (default: the model's), holding a recorded prefill; ARKV compresses it. Returns the ARKV manager (None: full)."""
+    kv_dtype = kv_dtype or model.output.weight.dtype
+    manager = ARKV(config, model.args, kv_dtype) if config else None
+    model.setup_caches(1, max_seq_len, manager.cache_factory if manager else full_cache, kv_dtype)
     for layer, pending in zip(model.layers, pendings):
         cache = layer.attention.kv_cache
         if manager:
@@ -177,31 +241,80 @@ def load_prefill(model, pendings: list[dict], max_seq_len: int, config: ARKVConf
     return manager
 
 
+@dataclass
+class Prepared:
+    """A row ready to decode: its one-row caches (one per layer), ARKV manager (None: full), first new token."""
+    caches: list[nn.Module]
+    manager: ARKV | None
+    first_token: int
+    budget_tokens: int | None
+
+
 @torch.no_grad()
-def decode_after(model, pendings: list[dict], logits: torch.Tensor, prompt_len: int, question_ids: list[int] | None,
-                 config: ARKVConfig | None, max_new_tokens: int, eos_ids, cache_len: int,
-                 step=decode_one_token) -> tuple[list[int], dict]:
-    """Load a recorded prefill into a fresh cache (full, or ARKV/baseline by `config`), compress it; with
-    `question_ids` (agnostic) prefill them as a chunk and compress again; then decode greedily with `step`.
-    A full cache is sized for `cache_len` tokens, one size for every sample (so a compiled `step` keeps one
-    graph); an ARKV arena depends on the budget only, and ARKV reads the sequence length from the size.
-    Returns the new tokens and the cache report (token states and bytes, measured)."""
-    device, dtype = model.output.weight.device, model.output.weight.dtype
-    manager = load_prefill(model, pendings, prompt_len + max_new_tokens if config else cache_len, config)
-    if question_ids:
-        begin = prompt_len - len(question_ids)
-        logits = model(torch.tensor([question_ids], device=device), torch.arange(begin, prompt_len, device=device),
-                       last_only=True)
+def prepare_row(model, row: Row, record: tuple[list[dict], Tensor], attention: str, kv_dtype: torch.dtype,
+                cache_len: int, notes: set) -> Prepared:
+    """The row alone (batch 1): a fresh cache holding its recorded prefill, compressed; in agnostic mode the
+    question then goes in as a prefill chunk over what the cache holds, and the cache is compressed again. A full
+    cache is sized for `cache_len` tokens, one size for every sample (one compiled shape); an ARKV arena depends on
+    the budget only, and ARKV reads the sequence length from the size."""
+    prompt, device = row.prompt, model.output.weight.device
+    pendings, logits = record
+    tokens_budget = None if row.budget is None else budget_tokens(row.budget, prompt.length, notes)
+    config = None if row.budget is None else arkv_config(row.method, tokens_budget, attention)
+    manager = load_prefill(model, pendings, prompt.length + prompt.max_new_tokens if config else cache_len, config,
+                           kv_dtype)
+    if row.mode == "agnostic":
+        question = torch.tensor([prompt.question_ids], device=device)
+        logits = model(question, torch.arange(len(prompt.context_ids), prompt.length, device=device), last_only=True)
         if manager:
             manager.compress()
-    token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
-    tokens, input_pos = [int(token)], torch.tensor([prompt_len], device=device)
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos_ids:
+    return Prepared([layer.attention.kv_cache for layer in model.layers], manager, int(logits[0, -1].argmax()),
+                    tokens_budget)
+
+
+def answer_done(tokens: list[int], prompt: Prompt, tokenizer) -> bool:
+    """EOS, the task's answer length, or (one-line answers) a line break after the answer's first words."""
+    if tokens[-1] in tokenizer.eos_ids or len(tokens) >= prompt.max_new_tokens:
+        return True
+    return prompt.sample.meta.get("one_line", False) and "\n" in tokenizer.decode(tokens).lstrip()
+
+
+@torch.no_grad()
+def decode_rows(model, rows: list[Row], prepared: list[Prepared], tokenizer, kv_dtype: torch.dtype, cache_len: int,
+                step=decode_one_token) -> list[tuple[list[int], dict]]:
+    """Decode rows of one method together: their one-row caches stacked into one batch (`KVCache.stack`,
+    `ARKV.stack`: each row keeps its own state and budget), each row at its own positions. A finished row is
+    reported at once (token states and bytes measured from its cache, then) and stays at its position until every
+    row is done. Returns each row's new tokens and report."""
+    device, B = model.output.weight.device, len(rows)
+    manager = None
+    if rows[0].budget is None:
+        caches = [KVCache.stack(list(layer)) for layer in zip(*(p.caches for p in prepared))]
+    else:
+        arena = -(-max(p.budget_tokens for p in prepared) // BUDGET_BUCKET) * BUDGET_BUCKET
+        manager = ARKV.stack([p.manager for p in prepared], arena)
+        caches = manager.caches
+    model.setup_caches(B, cache_len, lambda layer, *_: caches[layer], kv_dtype)
+    outputs = [[p.first_token] for p in prepared]
+    reports: list[dict | None] = [None] * B
+
+    def finish(b: int) -> bool:
+        if reports[b] is None and answer_done(outputs[b], rows[b].prompt, tokenizer):
+            stored = rows[b].prompt.length + len(outputs[b]) - 1  # the last token is never written to the cache
+            reports[b] = manager.report(stored, b) if manager else full_report(model.args, kv_dtype, stored)
+        return reports[b] is not None
+
+    done = [finish(b) for b in range(B)]
+    token = torch.tensor([[p.first_token] for p in prepared], device=device)  # [B, 1]
+    input_pos = torch.tensor([[row.prompt.length] for row in rows], device=device)  # [B, 1]
+    while not all(done):
         token = step(model, token, input_pos, 0.0, None).clone()
-        tokens.append(int(token))
-        input_pos += 1
-    stored = prompt_len + len(tokens) - 1  # the last token is never written to the cache
-    return tokens, manager.report(stored) if manager else full_report(model.args, dtype, stored)
+        for b, new in enumerate(token[:, 0].tolist()):
+            if not done[b]:
+                outputs[b].append(new)
+                done[b] = finish(b)
+        input_pos += torch.tensor([[not d] for d in done], device=device)  # finished rows stay where they are
+    return list(zip(outputs, reports))
 
 
 def full_report(args, dtype: torch.dtype, seq_len: int) -> dict:
@@ -211,30 +324,17 @@ def full_report(args, dtype: torch.dtype, seq_len: int) -> dict:
     return dict(original=entries, quantized=0, evicted=0, held_bytes=nbytes, allocated_bytes=nbytes, full_bytes=nbytes)
 
 
-def evaluate(model, tokenizer, prompt: Prompt, mode: str, methods: list[Method], budgets: list, attention: str,
-             notes: set, cache_len: int, step=decode_one_token) -> list[dict]:
-    """Every method x budget on one sample in one query mode, from a single recorded prefill (`cache_len`: see
-    decode_after)."""
-    ids = prompt.context_ids + prompt.question_ids
-    pendings, logits = prefill_once(model, ids if mode == "aware" else prompt.context_ids)
-    question = prompt.question_ids if mode == "agnostic" else None
-    rows = []
-    for method in methods:
-        for budget in [None] if method.method == "full" else budgets:
-            tokens_budget = None if budget is None else budget_tokens(budget, len(ids), notes)
-            config = None if budget is None else arkv_config(method, tokens_budget, attention)
-            tokens, report = decode_after(model, pendings, logits, len(ids), question, config, prompt.max_new_tokens,
-                                          tokenizer.eos_ids, cache_len, step)
-            prediction = tokenizer.decode([t for t in tokens if t not in tokenizer.eos_ids])
-            rows.append(dict(
-                mode=mode, task=prompt.task, sample=prompt.index, depth=prompt.sample.meta.get("depth"),
-                method=method.spec, budget="-" if budget is None else budget_label(budget),
-                prompt_tokens=len(ids), context_tokens=len(prompt.context_ids), budget_tokens=tokens_budget,
-                memory_fraction=1.0 if budget is None else tokens_budget / len(ids), new_tokens=len(tokens),
-                prediction=prediction, answers=prompt.sample.answers, score=score(prompt.sample, prediction),
-                **{k: report[k] for k in ("original", "quantized", "evicted", "held_bytes", "allocated_bytes",
-                                          "full_bytes")}))
-    return rows
+def result_row(row: Row, prepared: Prepared, tokens: list[int], report: dict, tokenizer, settings: dict) -> dict:
+    prompt = row.prompt
+    prediction = tokenizer.decode([t for t in tokens if t not in tokenizer.eos_ids])
+    return dict(
+        mode=row.mode, task=prompt.task, sample=prompt.index, depth=prompt.sample.meta.get("depth"),
+        method=row.method.spec, budget=budget_label(row.budget), prompt_tokens=prompt.length,
+        context_tokens=len(prompt.context_ids), budget_tokens=prepared.budget_tokens,
+        memory_fraction=1.0 if row.budget is None else prepared.budget_tokens / prompt.length,
+        new_tokens=len(tokens), prediction=prediction, answers=prompt.sample.answers,
+        score=score(prompt.sample, prediction), dtype=settings["dtype"], kv_dtype=settings["kv_dtype"],
+        **{k: report[k] for k in ("original", "quantized", "evicted", "held_bytes", "allocated_bytes", "full_bytes")})
 
 
 def arkv_config(method: Method, budget: int, attention: str) -> ARKVConfig:
@@ -300,6 +400,25 @@ def summarize(results: list[dict], tasks: list[str]) -> list[dict]:
             kv_fraction=mean([r["allocated_bytes"] / r["full_bytes"] for r in rows]),
             states=[sum(r[k] for r in rows) / entries for k in ("original", "quantized", "evicted")]))
     return summaries
+
+
+def mean_interval(scores: list[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of `scores` (`seed` fixed)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(scores, dtype=torch.float64)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(-1)  # [R]
+    low, high = means.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def task_summaries(results: list[dict]) -> list[dict]:
+    """One object per (mode, method, budget, task): n, mean and its 95% bootstrap interval."""
+    groups = defaultdict(list)
+    for r in results:
+        groups[r["mode"], r["method"], r["budget"], r["task"]].append(r["score"])
+    return [dict(mode=mode, method=method, budget=budget, task=task, n=len(scores), mean=mean(scores),
+                 ci_low=(ci := mean_interval(scores))[0], ci_high=ci[1])
+            for (mode, method, budget, task), scores in groups.items()]
 
 
 def table(summaries: list[dict], tasks: list[str]) -> str:
@@ -372,13 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--longbench-dir", type=Path, help="LongBench data: <dataset>.jsonl and dataset2prompt.json")
     parser.add_argument("--gsm8k-file", type=Path, help="GSM8K jsonl (question, answer)")
     parser.add_argument("--gsm8k-shots", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="rows (samples x modes x budgets of one method) decoded together; samples prefilled "
+                             "per group of this many")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="compute dtype; auto: bfloat16 on CUDA and on CPUs with AMX or AVX-512 BF16, else float32")
+    parser.add_argument("--kv-dtype", default="bfloat16", choices=["auto", *DTYPES],
+                        help="dtype of Original and full-cache K/V (auto: the compute dtype); budgets are its bytes")
     parser.add_argument("--out-dir", type=Path, default=Path("eval_out"))
+    parser.add_argument("--resume", action="store_true", help="keep --out-dir's results.jsonl and skip its rows")
     parser.add_argument("--no-plot", action="store_true", help="skip plot.png (then matplotlib is not needed)")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the decode step: one graph per method and budget size (token budgets compile "
-                             "once; a percentage sizes each prompt's cache, so it compiles per prompt length)")
+                        help="compile the decode step: one graph per method, batch size and arena size (arenas are "
+                             f"rounded up to a multiple of {BUDGET_BUCKET} tokens)")
     return parser
 
 
@@ -401,10 +527,58 @@ def main(argv: list[str] | None = None):
         sys.exit(f"eval.py: {err}")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (Linux flags amx_bf16 or avx512_bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
+
+
+def open_results(opts, settings: dict) -> dict[tuple, dict]:
+    """The rows of results.jsonl by key (with --resume; without it, a fresh file), after checking that run.json's
+    settings are this run's."""
+    results, run_file = opts.out_dir / "results.jsonl", opts.out_dir / "run.json"
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    if not opts.resume:
+        if results.exists() and results.stat().st_size:
+            raise CheckpointError(f"--out-dir {opts.out_dir}: results.jsonl exists; pass --resume to continue it, or "
+                                  "choose another --out-dir")
+        run_file.write_text(json.dumps(settings, indent=1))
+        results.write_text("")
+        return {}
+    if run_file.exists():
+        saved = json.loads(run_file.read_text())
+        changed = [name for name in ROW_SETTINGS if saved.get(name) != settings[name]]
+        if changed:
+            name = changed[0]
+            raise CheckpointError(f"--resume: {opts.out_dir / 'run.json'} was run with --{name.replace('_', '-')} "
+                                  f"{saved.get(name)}, this run has {settings[name]}; rows would not be comparable")
+    run_file.write_text(json.dumps(settings, indent=1))
+    rows = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted write: that row is redone
+            rows[row["task"], row["sample"], row["mode"], row["method"], row["budget"]] = row
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    return rows
+
+
 def run(opts, argv: list[str]):
     start = time.perf_counter()
     device = resolve_device(opts.device)
-    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(opts.dtype, device)
+    kv_dtype = dtype if opts.kv_dtype == "auto" else DTYPES[opts.kv_dtype]
     checkpoint = opts.checkpoint or default_checkpoint()
     model, tokenizer = load_model(checkpoint, device, dtype), load_tokenizer(checkpoint)
     attention = resolve_attention("auto", device)
@@ -412,7 +586,7 @@ def run(opts, argv: list[str]):
     for m in methods:
         if m.method != "full":
             try:
-                ARKV(arkv_config(m, MIN_BUDGET, attention), model.args, dtype)
+                ARKV(arkv_config(m, MIN_BUDGET, attention), model.args, kv_dtype)
             except ValueError as err:
                 raise CheckpointError(f"--methods {m.spec}: {err}") from None
     prompts = []
@@ -423,29 +597,64 @@ def run(opts, argv: list[str]):
             raise CheckpointError(f"--context {opts.context}: {task} sample {index} needs {len(context_ids)} + "
                                   f"{len(question_ids)} + {max_new} tokens; the model context is {model.args.max_seq_len}")
         prompts.append(Prompt(task, index, sample, context_ids, question_ids, max_new))
-    cache_len = max(len(p.context_ids) + len(p.question_ids) + p.max_new_tokens for p in prompts)
+    cache_len = max(p.length + p.max_new_tokens for p in prompts)
+    settings = {name: getattr(opts, name) for name in ROW_SETTINGS if name not in ("dtype", "kv_dtype")}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+    settings.update(checkpoint=str(checkpoint), dtype=str(dtype).removeprefix("torch."),
+                    kv_dtype=str(kv_dtype).removeprefix("torch."))
+    print(f"eval.py: computing in {settings['dtype']}"
+          f"{' (this CPU has AMX / AVX-512 BF16)' if dtype == torch.bfloat16 and device.type == 'cpu' else ''}, "
+          f"K/V stored in {settings['kv_dtype']}", file=sys.stderr)
+    done = open_results(opts, settings)
+    rows = [Row(p, mode, m, b) for p in prompts for mode in opts.query_modes for m in methods
+            for b in ([None] if m.method == "full" else budgets)]
+    todo = [row for row in rows if row.key not in done]
     step = decode_one_token
     if opts.compile:
-        for limit in ("recompile_limit", "accumulated_recompile_limit"):  # graphs (methods x budget sizes), not steps
+        for limit in ("recompile_limit", "accumulated_recompile_limit"):  # graphs (methods x shapes), not steps
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4096))
         step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
                              mode="reduce-overhead" if device.type == "cuda" else "default")
-    results, notes = [], set()
-    for prompt in tqdm(prompts, desc="eval", unit="sample", file=sys.stderr):
-        for mode in opts.query_modes:
-            results += evaluate(model, tokenizer, prompt, mode, methods, budgets, attention, notes, cache_len, step)
+    notes: set = set()
+    progress = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="eval", unit="row", file=sys.stderr)
+    pending_prompts = list(dict.fromkeys(row.prompt for row in todo))
+    with (opts.out_dir / "results.jsonl").open("a") as out:
+        for first in range(0, len(pending_prompts), opts.batch_size):
+            group = pending_prompts[first:first + opts.batch_size]
+            records = {}
+            for prompt in group:  # one prefill per sample serves both query modes
+                cuts, logits = record_prefill(model, prompt.context_ids + prompt.question_ids,
+                                              [prompt.length, len(prompt.context_ids)])
+                records[prompt] = {"aware": (cuts[prompt.length], logits), "agnostic": (cuts[len(prompt.context_ids)], None)}
+            for method in methods:
+                method_rows = [row for row in todo if row.prompt in records and row.method == method]
+                for b in range(0, len(method_rows), opts.batch_size):
+                    batch = method_rows[b:b + opts.batch_size]
+                    prepared = [prepare_row(model, row, records[row.prompt][row.mode], attention, kv_dtype, cache_len,
+                                            notes) for row in batch]
+                    decoded = decode_rows(model, batch, prepared, tokenizer, kv_dtype, cache_len, step)
+                    for row, ready, (tokens, report) in zip(batch, prepared, decoded):
+                        result = result_row(row, ready, tokens, report, tokenizer, settings)
+                        done[row.key] = result
+                        out.write(json.dumps(result) + "\n")
+                    out.flush()
+                    progress.update(len(batch))
+            del records
+    progress.close()
+    results = [done[row.key] for row in rows]
     tasks = list(dict.fromkeys(opts.tasks))
     summaries = summarize(results, tasks)
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "eval.py", *argv])
-    text = table(summaries, tasks) + f"\n`{command}`: {len(prompts)} samples, {time.perf_counter() - start:.0f} s\n"
+    seconds = time.perf_counter() - start
+    text = table(summaries, tasks) + (f"\n`{command}`: {len(prompts)} samples, {len(todo)} of {len(rows)} rows run "
+                                      f"here, {seconds:.0f} s ({settings['dtype']} compute, {settings['kv_dtype']} K/V)\n")
     print(text)
     (opts.out_dir / "table.md").write_text(text)
+    (opts.out_dir / "summary.json").write_text(json.dumps(dict(
+        command=command, seconds=round(seconds, 1), rows_run=len(todo), **settings,
+        groups=task_summaries(results), summaries=summaries), indent=1))
     if not opts.no_plot:
         plot(summaries, opts.query_modes, opts.out_dir / "plot.png")
-    (opts.out_dir / "results.json").write_text(json.dumps(dict(
-        command=command, checkpoint=str(checkpoint), device=str(device), dtype=str(dtype).removeprefix("torch."),
-        seconds=round(time.perf_counter() - start, 1), results=results), indent=1))
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Program (row = b * Hkv + h, split): the G query heads of KV head h against slots
-        [split * SPLIT, (split + 1) * SPLIT) that lie in the region's usable range [begin, end)
-        (`bounds_ptr`: outside it every slot is empty, so it is skipped, not read). Writes the raw
+        [split * SPLIT, (split + 1) * SPLIT) that lie in batch row b's usable range [begin, end)
+        of the region (`bounds_ptr` [B, 2]: outside it every slot is empty, so it is skipped, not read). Writes the raw
         scores of its slots and its partial softmax state (running max m, sum l, unnormalised
         output acc) for `combine_splits`."""
         row, split = tl.program_id(0), tl.program_id(1)
@@ -90,8 +90,8 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         kv_base, meta_base = kv_ptr + b * stride_kvb + h * stride_kvh, meta_ptr + b * stride_mb + h * stride_mh
-        lo = tl.maximum(split * SPLIT, tl.load(bounds_ptr))
-        hi = tl.minimum(split * SPLIT + SPLIT, tl.load(bounds_ptr + 1))
+        lo = tl.maximum(split * SPLIT, tl.load(bounds_ptr + 2 * b))
+        hi = tl.minimum(split * SPLIT + SPLIT, tl.load(bounds_ptr + 2 * b + 1))
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             in_range = n < hi
@@ -126,7 +126,8 @@ def tristate_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, pay
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P] uint8 and meta
     [B, Hkv, M, 2, m] (views of the arena, any strides with a unit last stride); original_pos
     [B, Hkv, N] and quantized_pos [B, Hkv, M] are the slots' token positions (live where >= 0).
-    Returns the output [B, H, 1, D] (q's dtype) and the probabilities [B, Hkv, G, N + M] (float32)."""
+    original_slots and quantized_first [B] are each batch row's bounds. Returns the output
+    [B, H, 1, D] (q's dtype) and the probabilities [B, Hkv, G, N + M] (float32)."""
     B, H, _, D = q.shape
     n_kv_heads, N, M = kv_original.shape[1], kv_original.shape[2], payload.shape[2]
     G = H // n_kv_heads
@@ -139,9 +140,10 @@ def tristate_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, pay
     l = torch.empty_like(m)
     acc = torch.empty(rows, total_splits, block_g, block_d, device=q.device, dtype=torch.float32)
     zero = torch.zeros_like(original_slots)
-    regions = [(kv_original, kv_original, original_pos, torch.stack([zero, original_slots]), "original", 0, 0, splits[0])]
+    regions = [(kv_original, kv_original, original_pos, torch.stack([zero, original_slots], dim=-1), "original", 0, 0,
+                splits[0])]
     if M:
-        bounds = torch.stack([quantized_first, zero + M])
+        bounds = torch.stack([quantized_first, zero + M], dim=-1)  # [B, 2]
         regions.append((payload, meta, quantized_pos, bounds, kv_quant, N, splits[0], splits[1]))
     for kv, region_meta, pos, bounds, fmt, column, split_base, n_splits in regions:
         _tristate_attention_kernel[(rows, n_splits)](

@@ -90,10 +90,12 @@ class KVCache(nn.Module):
     """The cache interface, implemented with full precision: one static buffer per layer.
 
     `forward(q, k, v, input_pos)` writes `k, v` at their absolute positions and returns the
-    attention output. Shapes: q [B, n_head, S, D]; k, v [B, n_kv_heads, S, D]; input_pos [S].
-    A call with S > 1 is a prefill: of a new sequence when input_pos starts at 0, else a chunk of
-    the prompt that also attends to the tokens before it; S == 1 is one decode step. Any other
-    cache (see arkv.py) offers the same call."""
+    attention output. Shapes: q [B, n_head, S, D]; k, v [B, n_kv_heads, S, D]; input_pos [S], or
+    [B, 1] in a decode step whose rows sit at different positions (a batch of prompts of different
+    lengths). A call with S > 1 is a prefill: of a new sequence when input_pos starts at 0, else a
+    chunk of the prompt that also attends to the tokens before it; S == 1 is one decode step. Any
+    other cache (see arkv.py) offers the same call. K/V are stored in the buffers' dtype (a 16-bit
+    cache beside a float32 model: `--kv-dtype`) and attended in the query's."""
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype):
         super().__init__()
@@ -103,15 +105,31 @@ class KVCache(nn.Module):
         self.register_buffer("slot_pos", torch.arange(max_seq_len), persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        if input_pos.dim() == 2:  # one decode step, a position per row
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k_cache[rows, :, input_pos[:, 0]] = k[:, :, 0].to(self.k_cache.dtype)  # [B, Hkv, D] per row
+            self.v_cache[rows, :, input_pos[:, 0]] = v[:, :, 0].to(self.v_cache.dtype)
+            valid = (self.slot_pos <= input_pos)[:, None]  # [B, 1, T]: slots written so far in each row
+            return decode_attention(q, self.k_cache.to(q.dtype), self.v_cache.to(q.dtype), valid)[0]
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
         if q.shape[2] > 1 and int(input_pos[0]) == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        k_cache, v_cache = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
         if q.shape[2] > 1:  # a later prompt chunk: causal over every slot written so far
             visible = self.slot_pos <= input_pos[:, None]  # [S, T]
-            return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, enable_gqa=True)
         valid = self.slot_pos <= input_pos  # [T]: slots written so far (slot index == position)
-        return decode_attention(q, self.k_cache, self.v_cache, valid)[0]
+        return decode_attention(q, k_cache, v_cache, valid)[0]
+
+    @classmethod
+    def stack(cls, rows: list["KVCache"]) -> "KVCache":
+        """One cache whose row b holds rows[b] (each a one-row cache of the same length)."""
+        first = rows[0].k_cache
+        cache = cls(len(rows), first.shape[1], first.shape[3], first.shape[2], first.dtype).to(first.device)
+        cache.k_cache.copy_(torch.cat([row.k_cache for row in rows]))
+        cache.v_cache.copy_(torch.cat([row.v_cache for row in rows]))
+        return cache
 
     def nbytes(self) -> int:
         """Bytes held by the K/V buffers."""
@@ -137,23 +155,26 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_seq_len = -1
 
-    def setup_caches(self, batch_size: int, max_seq_len: int, cache_factory: CacheFactory = full_cache):
-        """Allocate every layer's cache for sequences of up to `max_seq_len` tokens, and the RoPE
-        table for the whole model context (one shape for every prompt, so nothing recompiles)."""
+    def setup_caches(self, batch_size: int, max_seq_len: int, cache_factory: CacheFactory = full_cache,
+                     kv_dtype: torch.dtype | None = None):
+        """Allocate every layer's cache for sequences of up to `max_seq_len` tokens, K/V stored in
+        `kv_dtype` (default: the model's dtype), and the RoPE table for the whole model context (one
+        shape for every prompt, so nothing recompiles)."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model context {self.args.max_seq_len}")
         weight = self.output.weight
         with torch.device(weight.device):
             for i, layer in enumerate(self.layers):
-                layer.attention.kv_cache = cache_factory(i, self.args, batch_size, max_seq_len, weight.dtype)
+                layer.attention.kv_cache = cache_factory(i, self.args, batch_size, max_seq_len, kv_dtype or weight.dtype)
             cos, sin = rope_table(self.args, self.args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.max_seq_len = max_seq_len
 
     def forward(self, idx: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
-        """idx [B, S] token ids at absolute positions input_pos [S] -> logits [B, S or 1, vocab]."""
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, D/2]
+        """idx [B, S] token ids at absolute positions input_pos [S] (or [B, 1]: a decode step with a
+        position per row) -> logits [B, S or 1, vocab]."""
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, D/2] or [B, 1, D/2]
         x = self.tok_embeddings(idx)  # [B, S, dim]
         for layer in self.layers:
             x = layer(x, input_pos, cos, sin)
@@ -239,7 +260,7 @@ class RMSNorm(nn.Module):
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """One query per sequence: softmax(q k^T / sqrt(D), masked to `valid` slots) v, with GQA.
 
-    q [B, H, 1, D]; k, v [B, Hkv, T, D]; valid [T] or [B, Hkv, T] bool. Query head h = g * G + j
+    q [B, H, 1, D]; k, v [B, Hkv, T, D]; valid [T], [B, 1, T] or [B, Hkv, T] bool. Query head h = g * G + j
     reads KV head g (G = H / Hkv), so q is viewed as [B, Hkv, G, D] and K/V are never repeated.
     Returns the output [B, H, 1, D] and the probabilities [B, Hkv, G, T] (float32)."""
     B, H, _, D = q.shape
@@ -280,9 +301,10 @@ def rope_table(args: ModelArgs, max_seq_len: int) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the layout of Hugging Face checkpoints) on x [B, S, heads, D].
+    """Rotate-half RoPE (the layout of Hugging Face checkpoints) on x [B, S, heads, D], with cos
+    and sin [S, D/2] (shared positions) or [B, S, D/2] (a position per row).
 
     With x = (x1, x2) halves: (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.float().chunk(2, dim=-1)  # [B, S, heads, D/2] each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [S, 1, D/2]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [(B,) S, 1, D/2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

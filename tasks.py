@@ -81,7 +81,7 @@ def synthetic_sample(family: str, tokenizer, context_tokens: int, depth: float, 
                                                   + SPREAD * i / (len(needles) - 1) for i in range(len(needles))]
     context = head + _insert(hay, needles, depths) + "\n"
     return Sample(family, context, question, answers, "string_match_all", MAX_NEW_TOKENS[family], True,
-                  {"depth": depth, "keys": keys, "values": values})
+                  {"depth": depth, "keys": keys, "values": values, "one_line": len(answers) == 1})
 
 
 def _value(kind: str, rng: random.Random) -> str:

@@ -65,7 +65,7 @@ def test_compiled_attention_reads_only_usable_slots_with_one_graph_for_every_spl
     for seed, rho in enumerate([1.0, 0.6, 0.25, 0.0]):
         cache = filled_cache("int4", torch.float32, batch=2, n_kv_heads=2, head_dim=64, kv_budget=40, window=4, rho=rho,
                              live_original=0.8, live_quantized=0.7, seed=seed)
-        splits.add((int(cache.o_capacity), int(cache.q_first)))
+        splits.add((int(cache.o_capacity[0]), int(cache.q_first[0])))
         q = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(seed))
         payload, meta = cache.quantized_views()
         args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, "int4", cache.o_capacity, cache.q_first)

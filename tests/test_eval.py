@@ -139,6 +139,13 @@ def test_split_ids_is_the_chat_prompt(model_and_tokenizer):
     assert tokenizer.decode(question) == sample.question
 
 
+def decode_one(model, tokenizer, prompt: ev.Prompt, mode: str, record, method: str, budget, cache_len: int):
+    """One row through eval's path (prepare_row, then decode_rows in a batch of one): (tokens, report)."""
+    row = ev.Row(prompt, mode, ev.method_spec(method), budget)
+    prepared = ev.prepare_row(model, row, record, "torch", torch.float32, cache_len, set())
+    return ev.decode_rows(model, [row], [prepared], tokenizer, torch.float32, cache_len)[0]
+
+
 def test_agnostic_equals_aware_equals_generate_for_full_and_a_covering_budget(model_and_tokenizer):
     """The full cache, and ARKV with a budget >= prompt + new tokens (everything Original): the agnostic path
     (context prefill, compress, question chunk, compress) and the aware one give generate()'s tokens."""
@@ -146,20 +153,102 @@ def test_agnostic_equals_aware_equals_generate_for_full_and_a_covering_budget(mo
     sample = synthetic_sample("niah_single_number", tokenizer, 150, 0.5, random.Random(2))
     context, question = ev.split_ids(tokenizer, sample)
     ids, n = context + question, 6
+    prompt = ev.Prompt(sample.task, 0, sample, context, question, n)
     model.setup_caches(1, len(ids) + n)
-    expected = generate(model, torch.tensor([ids]), n)[0]
-    aware, agnostic = ev.prefill_once(model, ids), ev.prefill_once(model, context)
-    for config in (None, ARKVConfig(kv_budget=len(ids) + n, kv_quant="int8")):
-        for cache_len in (len(ids) + n, len(ids) + n + 100):  # a longer sample elsewhere in the run changes nothing
-            tokens, report = ev.decode_after(model, *aware, len(ids), None, config, n, (), cache_len)
-            assert tokens == expected and report["evicted"] == report["quantized"] == 0
-        tokens, report = ev.decode_after(model, *agnostic, len(ids), question, config, n, (), len(ids) + n)
-        assert tokens == expected and report["evicted"] == report["quantized"] == 0
-    _, report = ev.decode_after(model, *agnostic, len(ids), question, ARKVConfig(kv_budget=48), n, (), len(ids) + n)
-    assert report["evicted"] > 0 and report["allocated_bytes"] == pytest.approx(48 / (len(ids) + n - 1) * report["full_bytes"])
+    expected = generate(model, torch.tensor([ids]), n, tokenizer.eos_ids)[0]
+    cuts, logits = ev.record_prefill(model, ids, [len(ids), len(context)])
+    records = {"aware": (cuts[len(ids)], logits), "agnostic": (cuts[len(context)], None)}
+    for method, budget in (("full", None), ("arkv-paper-int8", len(ids) + n)):
+        for mode in ev.MODES:
+            for cache_len in (len(ids) + n, len(ids) + n + 100):  # a longer sample elsewhere changes nothing
+                tokens, report = decode_one(model, tokenizer, prompt, mode, records[mode], method, budget, cache_len)
+                assert tokens == expected and report["evicted"] == report["quantized"] == 0
+    _, report = decode_one(model, tokenizer, prompt, "agnostic", records["agnostic"], "arkv-paper-int4", 48, len(ids) + n)
+    stored = len(ids) + n - 1 if len(expected) == n else len(ids) + len(expected) - 1
+    assert report["evicted"] > 0 and report["allocated_bytes"] == pytest.approx(48 / stored * report["full_bytes"])
 
 
-def test_smoke_run_writes_table_results_and_plot(smollm2_checkpoint, tmp_path, capsys):
+def test_one_prefill_serves_both_query_modes(model_and_tokenizer):
+    """record_prefill's two cuts of one prefill of context + question equal separate prefills of the whole prompt
+    (aware) and of the context alone (agnostic): K/V, token statistics, layer statistics and last logits."""
+    model, tokenizer = model_and_tokenizer
+    sample = synthetic_sample("niah_multikey", tokenizer, 200, 0.3, random.Random(4))
+    context, question = ev.split_ids(tokenizer, sample)
+    ids = context + question
+    cuts, logits = ev.record_prefill(model, ids, [len(ids), len(context)])
+    for cut, prompt in ((len(ids), ids), (len(context), context)):
+        alone, alone_logits = ev.prefill_once(model, prompt)
+        if cut == len(ids):
+            torch.testing.assert_close(logits, alone_logits, atol=1e-4, rtol=0)
+        for shared, separate in zip(cuts[cut], alone):
+            for name in ("k", "v", "mean", "variance", "score"):
+                torch.testing.assert_close(shared[name], separate[name], atol=1e-5, rtol=1e-4)
+            assert torch.equal(shared["pos"], separate["pos"]) and shared["seq_len"] == separate["seq_len"] == cut
+            assert shared["stats"] == pytest.approx(separate["stats"], rel=1e-4)
+
+
+SMALL_RUN = ["--context", "300", "--tasks", "niah_single_number", "niah_multivalue", "--methods", "full",
+             "arkv-coverage-int4", "h2o", "--budgets", "25%", "48", "--max-new-tokens", "5", "--no-plot"]
+
+
+def run_rows(checkpoint, out_dir, *extra) -> dict:
+    ev.main(["--checkpoint", str(checkpoint), *SMALL_RUN, "--out-dir", str(out_dir), *extra])
+    rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    return {(r["task"], r["sample"], r["mode"], r["method"], r["budget"]): r for r in rows}
+
+
+def test_batch_of_8_equals_batch_of_1_and_a_killed_run_resumes_to_the_same_rows(smollm2_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    """Rows decoded 8 at a time (samples x modes x budgets of one method, prompts of different lengths) give the
+    predictions, token states and bytes of rows decoded alone; a run killed after two batches and resumed ends
+    with the rows of an uninterrupted run; --resume on a finished grid runs nothing and keeps its rows."""
+    one = run_rows(smollm2_checkpoint, tmp_path / "one", "--limit", "2", "--batch-size", "1")
+    eight = run_rows(smollm2_checkpoint, tmp_path / "eight", "--limit", "2", "--batch-size", "8")
+    assert len(one) == len(eight) == 2 * 2 * 2 * (1 + 2 * 2)  # tasks x samples x modes x (full + methods x budgets)
+    assert len({r["prompt_tokens"] for r in one.values()}) > 1, "prompts of one length would not test positions"
+    assert one == eight
+    decode_rows, batches = ev.decode_rows, []
+
+    def killed_after_two_batches(*args, **kwargs):
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        batches.append(1)
+        return decode_rows(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "decode_rows", killed_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        run_rows(smollm2_checkpoint, tmp_path / "killed", "--limit", "2", "--batch-size", "4")
+    partial = (tmp_path / "killed" / "results.jsonl").read_text().splitlines()
+    assert len(partial) == 8, "each finished batch is on disk at once"
+    monkeypatch.setattr(ev, "decode_rows", decode_rows)
+    assert run_rows(smollm2_checkpoint, tmp_path / "killed", "--limit", "2", "--batch-size", "4", "--resume") == one
+    monkeypatch.setattr(ev, "record_prefill", None)  # a finished grid prefills nothing
+    assert run_rows(smollm2_checkpoint, tmp_path / "killed", "--limit", "2", "--batch-size", "4", "--resume") == one
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    group = next(g for g in summary["groups"] if g["method"] == "full" and g["mode"] == "aware"
+                 and g["task"] == "niah_multivalue")
+    scores = [r["score"] for r in one.values() if r["method"] == "full" and r["mode"] == "aware"
+              and r["task"] == "niah_multivalue"]
+    assert group["n"] == 2 and group["mean"] == pytest.approx(sum(scores) / 2)
+    assert group["ci_low"] <= group["mean"] <= group["ci_high"]
+
+
+def test_resume_refuses_other_settings_and_a_fresh_run_keeps_old_results(smollm2_checkpoint, tmp_path):
+    out = tmp_path / "grid"
+    out.mkdir()
+    settings = dict(checkpoint=str(smollm2_checkpoint), context=512, limit=1, seed=0, max_new_tokens=5,
+                    haystack_file=None, longbench_dir=None, gsm8k_file=None, gsm8k_shots=8, dtype="float32",
+                    kv_dtype="bfloat16")  # as SMALL_RUN's but --context
+    (out / "run.json").write_text(json.dumps(settings))
+    (out / "results.jsonl").write_text("{}\n")
+    for extra, message in (([], "pass --resume"), (["--resume"], "--context")):
+        with pytest.raises(SystemExit) as exit:
+            ev.main(["--checkpoint", str(smollm2_checkpoint), *SMALL_RUN, "--limit", "1", "--dtype", "float32",
+                     "--out-dir", str(out), *extra])
+        assert isinstance(exit.value.code, str) and message in exit.value.code and "\n" not in exit.value.code
+
+
+def test_smoke_run_writes_table_results_summary_and_plot(smollm2_checkpoint, tmp_path, capsys):
     ev.main(["--checkpoint", str(smollm2_checkpoint), "--context", "512", "--limit", "2", "--tasks",
              "niah_single_number", "--methods", "full", "arkv-paper-int4", "--budgets", "25%", "--max-new-tokens", "3",
              "--out-dir", str(tmp_path)])
@@ -168,15 +257,17 @@ def test_smoke_run_writes_table_results_and_plot(smollm2_checkpoint, tmp_path, c
     assert table in capsys.readouterr().out
     for mode in ("aware", "agnostic"):
         assert f"| {mode} | full | - | " in table and f"| {mode} | arkv-paper-int4 | 25% | " in table
-    run = json.loads((tmp_path / "results.json").read_text())
-    assert "--methods full arkv-paper-int4" in run["command"] and run["seconds"] > 0
-    results = run["results"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "--methods full arkv-paper-int4" in summary["command"] and summary["seconds"] > 0
+    assert summary["kv_dtype"] == "bfloat16" and summary["rows_run"] == 8
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(results) == 2 * 2 * 2  # samples x modes x methods
     assert sorted({r["depth"] for r in results}) == [0.0, 1.0]
     for r in results:
         assert {"task", "sample", "depth", "prompt_tokens", "budget_tokens", "memory_fraction", "prediction", "answers",
-                "score", "original", "quantized", "evicted", "held_bytes", "allocated_bytes"} <= set(r)
+                "score", "original", "quantized", "evicted", "held_bytes", "allocated_bytes", "kv_dtype"} <= set(r)
         assert r["new_tokens"] <= 3 and 0 <= r["score"] <= 1
+        assert r["full_bytes"] == (r["prompt_tokens"] + r["new_tokens"] - 1) * 30 * 3 * 2 * 64 * 2  # bfloat16 K/V
         if r["method"] == "full":
             assert r["budget_tokens"] is None and r["allocated_bytes"] == r["full_bytes"]
         else:
@@ -187,17 +278,18 @@ def test_smoke_run_writes_table_results_and_plot(smollm2_checkpoint, tmp_path, c
 
 def test_compiled_run_equals_eager_with_one_graph_per_method_and_budget(smollm2_checkpoint, tmp_path):
     """--compile decodes the same tokens into the same cache states as eager, and two samples x two query modes
-    compile one graph per method and budget."""
+    (one batch per method) compile one graph per method and budget."""
     from torch._dynamo.utils import counters
 
-    args = ["--checkpoint", str(smollm2_checkpoint), "--context", "400", "--limit", "1", "--tasks", "niah_single_word", "niah_multivalue",
-            "--methods", "full", "arkv-paper-int4", "--budgets", "64", "--max-new-tokens", "4", "--no-plot"]
+    args = ["--checkpoint", str(smollm2_checkpoint), "--context", "400", "--limit", "1", "--tasks", "niah_single_word",
+            "niah_multivalue", "--methods", "full", "arkv-paper-int4", "--budgets", "64", "--max-new-tokens", "4",
+            "--no-plot", "--dtype", "float32"]
     runs = []
-    for extra in ([], ["--compile"]):
+    for name in ("eager", "compile"):
         torch._dynamo.reset()
         counters.clear()
-        ev.main([*args, *extra, "--out-dir", str(tmp_path / (extra[0][2:] if extra else "eager"))])
-        results = json.loads((tmp_path / (extra[0][2:] if extra else "eager") / "results.json").read_text())["results"]
+        ev.main([*args, *(["--compile"] if name == "compile" else []), "--out-dir", str(tmp_path / name)])
+        results = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
         runs.append([(r["mode"], r["method"], r["prediction"], r["original"], r["quantized"], r["evicted"]) for r in results])
     assert runs[0] == runs[1] and len(runs[0]) == 2 * 2 * 2
     assert counters["stats"]["unique_graphs"] == 2
