@@ -141,13 +141,14 @@ def prefill_job(opts) -> dict:
     """One prefill (`--job full|arkv|chunked`) of --length tokens: time, peak memory, and the most
     KV bytes the caches held at once (arenas plus pending chunk, or the full cache)."""
     device, dtype = resolve_device(opts.device), DTYPES[opts.dtype]
+    kv_dtype = kv_dtype_of(opts)
     checkpoint = opts.checkpoint or default_checkpoint()
     model = load_model(checkpoint, device, dtype)
     prompt = torch.tensor([prompt_tokens(load_tokenizer(checkpoint), opts.length)], device=device)
     manager = None
     if opts.job != "full":
-        manager = ARKV(ARKVConfig(kv_budget=opts.kv_budget), model.args, dtype)
-    model.setup_caches(1, opts.length + 1, manager.cache_factory if manager else full_cache)
+        manager = ARKV(ARKVConfig(kv_budget=opts.kv_budget), model.args, kv_dtype)
+    model.setup_caches(1, opts.length + 1, manager.cache_factory if manager else full_cache, kv_dtype)
     chunk = opts.prefill_chunk if opts.job == "chunked" else None
     kv_bytes = 0
     baseline = reset_peak(device)
@@ -167,7 +168,7 @@ def prefill_job(opts) -> dict:
 
 def run_prefill_job(opts, job: str, length: int) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--job", job, "--length", str(length),
-               "--device", opts.device, "--dtype", opts.dtype, "--kv-budget", str(opts.kv_budget),
+               "--device", opts.device, "--dtype", opts.dtype, "--kv-dtype", opts.kv_dtype, "--kv-budget", str(opts.kv_budget),
                "--prefill-chunk", str(opts.prefill_chunk)]
     if opts.checkpoint:
         command += ["--checkpoint", str(opts.checkpoint)]
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype of Original and full-cache K/V (auto: --dtype); budgets are its bytes")
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096, 8160], help="prompt lengths (8160 + steps fits the default model's 8192 context)")
     parser.add_argument("--kv-budget", type=positive_int, default=512)
     parser.add_argument("--steps", type=positive_int, default=16, help="timed decode steps per configuration and round")
@@ -226,9 +229,13 @@ def main(argv: list[str] | None = None):
         sys.exit(f"bench.py: {err}")
 
 
+def kv_dtype_of(opts) -> torch.dtype:
+    return DTYPES[opts.dtype if opts.kv_dtype == "auto" else opts.kv_dtype]
+
+
 def run(opts):
     started = time.perf_counter()
-    device, dtype = resolve_device(opts.device), DTYPES[opts.dtype]
+    device, dtype, kv_dtype = resolve_device(opts.device), DTYPES[opts.dtype], kv_dtype_of(opts)
     checkpoint = opts.checkpoint or default_checkpoint()
     model = load_model(checkpoint, device, dtype)
     longest = max(opts.lengths)
@@ -250,7 +257,7 @@ def run(opts):
         first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
         runs, rows = {}, {}
         for name, config in configs.items():
-            manager, compress_seconds = timed(load_prefill, model, pendings, length + opts.steps + 2, config)
+            manager, compress_seconds = timed(load_prefill, model, pendings, length + opts.steps + 2, config, kv_dtype)
             rows[name] = dict(method=name, length=length, load_and_compress_s=compress_seconds, kv_bytes=model.cache_nbytes())
             if manager:
                 report = manager.report(length)
@@ -262,7 +269,7 @@ def run(opts):
         del pendings
         if length == longest:  # bookkeeping: a full cache holding as many tokens as ARKV keeps live
             equal = round(rows["arkv"]["live_tokens"])  # (it decodes from this prompt's first token too)
-            load_prefill(model, prefill_once(model, ids[:equal])[0], equal + opts.steps + 2, None)
+            load_prefill(model, prefill_once(model, ids[:equal])[0], equal + opts.steps + 2, None, kv_dtype)
             runs["full@live"] = (model_caches(model), equal)
         rates = interleaved_rates(decode_steps, model, first, runs, opts.steps, opts.rounds)
         for name, row in rows.items():
@@ -279,7 +286,8 @@ def run(opts):
     extra = {}
     if opts.transformers:
         extra["transformers_tokens_per_s"] = transformers_rate(opts, ids[:min(opts.lengths)], opts.steps)
-    result = dict(command=" ".join(["python", *sys.argv]), device=str(device), dtype=opts.dtype, kv_budget=opts.kv_budget,
+    result = dict(command=" ".join(["python", *sys.argv]), device=str(device), dtype=opts.dtype,
+                  kv_dtype=str(kv_dtype).removeprefix("torch."), kv_budget=opts.kv_budget,
                   attention=attention, decode=decode, bookkeeping=dict(live_tokens=equal, full_tokens_per_s=equal_rate),
                   prefill=prefill, compiled_graphs=graphs, seconds=time.perf_counter() - started, **extra)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +298,7 @@ def run(opts):
 def print_table(result: dict, longest: int, shortest: int):
     rate = {(row["method"], row["length"]): row for row in result["decode"]}
     mib = 2**20
-    print(f"\n{result['device']}, {result['dtype']}, --kv-budget {result['kv_budget']}, attention {result['attention']}\n")
+    print(f"\n{result['device']}, {result['dtype']} compute, {result['kv_dtype']} K/V, --kv-budget {result['kv_budget']}, attention {result['attention']}\n")
     print("| prompt | full tok/s | arkv tok/s | evict tok/s | arkv / full | evict / full | KV MiB full / arkv | arkv O / Q / E |")
     print("|---|---|---|---|---|---|---|---|")
     for length in sorted({row["length"] for row in result["decode"]}):

@@ -188,7 +188,7 @@ def test_one_prefill_serves_both_query_modes(model_and_tokenizer):
 
 
 SMALL_RUN = ["--context", "300", "--tasks", "niah_single_number", "niah_multivalue", "--methods", "full",
-             "arkv-coverage-int4", "h2o", "--budgets", "25%", "48", "--max-new-tokens", "5", "--no-plot"]
+             "arkv-coverage-int4", "h2o", "--budgets", "25%", "48", "--max-new-tokens", "5", "--no-plot", "--no-compile"]
 
 
 def run_rows(checkpoint, out_dir, *extra) -> dict:
@@ -251,7 +251,7 @@ def test_resume_refuses_other_settings_and_a_fresh_run_keeps_old_results(smollm2
 def test_smoke_run_writes_table_results_summary_and_plot(smollm2_checkpoint, tmp_path, capsys):
     ev.main(["--checkpoint", str(smollm2_checkpoint), "--context", "512", "--limit", "2", "--tasks",
              "niah_single_number", "--methods", "full", "arkv-paper-int4", "--budgets", "25%", "--max-new-tokens", "3",
-             "--out-dir", str(tmp_path)])
+             "--no-compile", "--out-dir", str(tmp_path)])
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "table.md").read_text()
     assert table in capsys.readouterr().out
@@ -277,8 +277,8 @@ def test_smoke_run_writes_table_results_summary_and_plot(smollm2_checkpoint, tmp
 
 
 def test_compiled_run_equals_eager_with_one_graph_per_method_and_budget(smollm2_checkpoint, tmp_path):
-    """--compile decodes the same tokens into the same cache states as eager, and two samples x two query modes
-    (one batch per method) compile one graph per method and budget."""
+    """--compile decodes the same tokens into the same cache states as eager (float32), and two samples x two
+    query modes (one batch per method, padded to --batch-size) compile one graph per method and budget."""
     from torch._dynamo.utils import counters
 
     args = ["--checkpoint", str(smollm2_checkpoint), "--context", "400", "--limit", "1", "--tasks", "niah_single_word",
@@ -288,7 +288,7 @@ def test_compiled_run_equals_eager_with_one_graph_per_method_and_budget(smollm2_
     for name in ("eager", "compile"):
         torch._dynamo.reset()
         counters.clear()
-        ev.main([*args, *(["--compile"] if name == "compile" else []), "--out-dir", str(tmp_path / name)])
+        ev.main([*args, "--compile" if name == "compile" else "--no-compile", "--out-dir", str(tmp_path / name)])
         results = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
         runs.append([(r["mode"], r["method"], r["prediction"], r["original"], r["quantized"], r["evicted"]) for r in results])
     assert runs[0] == runs[1] and len(runs[0]) == 2 * 2 * 2
