@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import ModelArgs
+from model import ModelArgs, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
@@ -54,31 +54,129 @@ class ConversionError(ValueError):
     pass
 
 
+INT_FIELDS = ("dim", "n_layer", "n_head", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size", "max_seq_len")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def model_args_problem(values: dict) -> str | None:
+    """What makes ModelArgs `values` (field -> value) unusable for building the model: a size that
+    is not a positive integer, an odd head_dim, an incomplete llama3 rope_scaling; None if usable.
+    Wrong types would otherwise surface as tracebacks deep in torch."""
+    for name in INT_FIELDS:
+        value = values.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{name} is {value!r}; expected an integer >= 1"
+    for name in ("rope_theta", "norm_eps"):
+        value = values.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            return f"{name} is {value!r}; expected a number > 0"
+    if values["head_dim"] % 2:
+        return f"head_dim is {values['head_dim']}; expected an even number (RoPE rotates pairs of channels)"
+    scaling = values.get("rope_scaling")
+    if scaling and not isinstance(scaling, dict):
+        return f"rope_scaling is {scaling!r}; expected null or an object"
+    if scaling:  # model.rope_frequencies reads these keys from any non-empty rope_scaling
+        missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(scaling.get(k), (int, float))]
+        if missing:
+            return f"rope_scaling {scaling} lacks numeric {', '.join(missing)}; expected all of {', '.join(LLAMA3_ROPE_KEYS)}"
+    return None
+
+
+def build_model_args(make, where: Path) -> ModelArgs:
+    """`make()` -> ModelArgs, every failure (a missing key, a wrong type, a zero head count, an
+    invalid size) as one ConversionError naming `where`."""
+    try:
+        args = make()
+    except KeyError as err:
+        raise ConversionError(f"{where}: missing key {err}") from None
+    except ZeroDivisionError:
+        raise ConversionError(f"{where}: a head count is 0; expected integers >= 1") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ConversionError(f"{where}: {err}") from None
+    problem = model_args_problem(args.to_dict())
+    if problem:
+        raise ConversionError(f"{where}: {problem}")
+    return args
+
+
+def state_problem(args: ModelArgs, state: dict[str, torch.Tensor], sizes_from: str) -> str | None:
+    """How the tensors `state` (our names) disagree with the model `args` describes: missing or
+    unexpected names, a shape other than `args` implies (`sizes_from` names where the sizes come
+    from), a non-floating-point dtype; None if they match."""
+    with torch.device("meta"):
+        expected = {name: t.shape for name, t in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        return (f"tensors do not match {sizes_from} ({len(missing)} missing {missing[:3]}, "
+                f"{len(extra)} unexpected {extra[:3]})")
+    wrong = [name for name in expected if state[name].shape != expected[name]]  # the model's order: embeddings first
+    if wrong:
+        name = wrong[0]
+        return (f"tensor {name} has shape {list(state[name].shape)}; {sizes_from} gives {list(expected[name])} "
+                f"({len(wrong)} of {len(state)} tensors disagree: the sizes in {sizes_from} do not match the weights)")
+    not_float = [name for name, t in state.items() if not t.is_floating_point()]
+    if not_float:
+        return f"tensor {not_float[0]} is {state[not_float[0]].dtype}; expected floating-point weights"
+    return None
+
+
+def read_json_object(path: Path, expected: str) -> dict:
+    """A JSON object from `path`, or one ConversionError saying what is wrong with the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConversionError(f"{path}: not valid JSON ({err}); expected {expected}") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: a JSON {type(value).__name__}; expected {expected} (a JSON object)")
+    return value
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors file, or one ConversionError naming it (truncated,
+    corrupt, not safetensors)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ConversionError(f"{path}: not a readable safetensors file ({err}); "
+                              "expected complete Hugging Face weights (a truncated download?)") from None
+
+
 def convert_hf(src: Path, out: Path) -> ModelArgs:
     """Hugging Face folder (config.json, one or many *.safetensors) -> our layout in `out`."""
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{src}: no config.json; expected a Hugging Face checkpoint folder")
-    try:
-        args = ModelArgs.from_hf_config(json.loads(config_path.read_text()), name=out.name)
-    except (ValueError, KeyError) as err:
-        raise ConversionError(f"{config_path}: {err}") from None
+    config = read_json_object(config_path, "a Hugging Face config.json")
+    args = build_model_args(lambda: ModelArgs.from_hf_config(config, name=out.name), config_path)
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{src}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
     hf: dict[str, torch.Tensor] = {}
-    for path in tqdm(files, desc="reading", unit="file", disable=len(files) == 1):
-        with safe_open(path, framework="pt") as f:
-            hf.update({name: f.get_tensor(name) for name in f.keys()})
-    state = {"tok_embeddings.weight": hf.pop("model.embed_tokens.weight"), "norm.weight": hf.pop("model.norm.weight")}
+    for path in tqdm(files, desc="reading", unit="file", disable=True if len(files) == 1 else None):
+        hf.update(read_safetensors(path))
+    weights = files[0].name if len(files) == 1 else f"{len(files)} *.safetensors files"
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ConversionError(f"{src}: tensor {name} is missing from {weights}; expected the weights of the "
+                                  f"{args.n_layer}-layer model config.json describes")
+        return hf.pop(name)
+
+    state = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
     lm_head = hf.pop("lm_head.weight", None)
     if not args.tie_embeddings:
         if lm_head is None:
             raise ConversionError(f"{src}: lm_head.weight is missing and tie_word_embeddings is false")
         state["output.weight"] = lm_head
-    for i in tqdm(range(args.n_layer), desc="converting", unit="layer"):
+    for i in tqdm(range(args.n_layer), desc="converting", unit="layer", disable=None):  # None: only on a terminal
         prefix = f"model.layers.{i}."
-        qkv = [hf.pop(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"]
+        qkv = [take(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"]
+        if len({t.shape[1:] for t in qkv}) > 1:
+            raise ConversionError(f"{src}: {prefix}self_attn q/k/v_proj have shapes {[list(t.shape) for t in qkv]}; "
+                                  "expected the same number of input columns")
         state[f"layers.{i}.attention.wqkv.weight"] = torch.cat(qkv)
         for hf_name, name in HF_LAYER_NAMES.items():
             if prefix + hf_name in hf:
@@ -86,6 +184,9 @@ def convert_hf(src: Path, out: Path) -> ModelArgs:
     leftover = [name for name in hf if "rotary_emb" not in name]
     if leftover:
         raise ConversionError(f"{src}: unexpected tensors {leftover[:3]} (unsupported architecture variant)")
+    problem = state_problem(args, state, "config.json")
+    if problem:
+        raise ConversionError(f"{src}: {problem}")
     write(out, args, state)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
@@ -98,36 +199,66 @@ def convert_gguf(path: Path, out: Path) -> ModelArgs:
     permutation undone, tokenizer metadata written back as Hugging Face tokenizer files."""
     import gguf  # only needed for this path
 
-    reader = gguf.GGUFReader(str(path))
-    meta = {name: field.contents() for name, field in reader.fields.items()}
+    # A damaged file fails inside gguf/numpy with messages that name neither the file nor the
+    # cause (a truncated download reads as "cannot reshape array ...").
+    try:
+        reader = gguf.GGUFReader(str(path))
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as err:
+        raise ConversionError(f"{path}: not a readable GGUF file ({err}); expected a complete GGUF "
+                              "(a truncated or damaged download?)") from None
     if meta.get("general.architecture") != "llama":
         raise ConversionError(f"{path}: architecture {meta.get('general.architecture')!r}; only llama GGUF is supported")
-    n_head, n_kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    dim = meta["llama.embedding_length"]
     tensors = {t.name: t for t in reader.tensors}
-    args = ModelArgs(
-        dim=dim, n_layer=meta["llama.block_count"], n_head=n_head, n_kv_heads=n_kv_heads,
-        head_dim=meta.get("llama.attention.key_length", dim // n_head),
-        intermediate_size=meta["llama.feed_forward_length"], vocab_size=len(meta["tokenizer.ggml.tokens"]),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        tie_embeddings="output.weight" not in tensors, max_seq_len=meta["llama.context_length"], name=out.name)
+
+    def make_args() -> ModelArgs:
+        n_head, dim = meta["llama.attention.head_count"], meta["llama.embedding_length"]
+        return ModelArgs(
+            dim=dim, n_layer=meta["llama.block_count"], n_head=n_head, n_kv_heads=meta["llama.attention.head_count_kv"],
+            head_dim=meta.get("llama.attention.key_length", dim // n_head),
+            intermediate_size=meta["llama.feed_forward_length"], vocab_size=len(meta["tokenizer.ggml.tokens"]),
+            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
+            tie_embeddings="output.weight" not in tensors, max_seq_len=meta["llama.context_length"], name=out.name)
+
+    args = build_model_args(make_args, path)  # "missing key 'llama.block_count'" names the metadata key
+    n_head, n_kv_heads = args.n_head, args.n_kv_heads
 
     def load(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise ConversionError(f"{path}: tensor {name} is missing; expected the tensors of a "
+                                  f"{args.n_layer}-layer llama model (llama.block_count)")
         t = tensors[name]
-        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        try:
+            return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        except (ValueError, NotImplementedError, KeyError, TypeError) as err:
+            raise ConversionError(f"{path}: tensor {name} ({t.tensor_type.name}) cannot be read ({err})") from None
+
+    def unpermute(name: str, heads: int) -> torch.Tensor:
+        weight = load(name)
+        if weight.dim() != 2 or weight.shape[0] % (2 * heads):
+            raise ConversionError(f"{path}: tensor {name} has shape {list(weight.shape)}; expected rows a multiple of "
+                                  f"2 x {heads} heads (the head counts in the metadata do not match the weights)")
+        return unpermute_gguf(weight, heads)
 
     state = {"tok_embeddings.weight": load("token_embd.weight"), "norm.weight": load("output_norm.weight")}
     if not args.tie_embeddings:
         state["output.weight"] = load("output.weight")
-    for i in tqdm(range(args.n_layer), desc="dequantizing", unit="layer"):
-        q = unpermute_gguf(load(f"blk.{i}.attn_q.weight"), n_head)
-        k = unpermute_gguf(load(f"blk.{i}.attn_k.weight"), n_kv_heads)
-        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, load(f"blk.{i}.attn_v.weight")])
+    for i in tqdm(range(args.n_layer), desc="dequantizing", unit="layer", disable=None):
+        q = unpermute(f"blk.{i}.attn_q.weight", n_head)
+        k = unpermute(f"blk.{i}.attn_k.weight", n_kv_heads)
+        v = load(f"blk.{i}.attn_v.weight")
+        if len({t.shape[1:] for t in (q, k, v)}) > 1:
+            raise ConversionError(f"{path}: blk.{i}.attn_q/k/v have shapes {[list(t.shape) for t in (q, k, v)]}; "
+                                  "expected the same number of columns")
+        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
         for gguf_name, name in GGUF_LAYER_NAMES.items():
             state[f"layers.{i}.{name}"] = load(f"blk.{i}.{gguf_name}.weight")
+    problem = state_problem(args, state, "the GGUF metadata")
+    if problem:
+        raise ConversionError(f"{path}: {problem}")
+    write_gguf_tokenizer(path, meta, out)  # first: model_args.json, written last, marks a finished conversion
     write(out, args, state)
-    write_gguf_tokenizer(path, meta, out)
     return args
 
 
@@ -148,6 +279,9 @@ def write_gguf_tokenizer(path: Path, meta: dict, out: Path):
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in GGUF_PRETOKENIZERS:
         raise ConversionError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(GGUF_PRETOKENIZERS)}")
+    missing = [key for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges") if key not in meta]
+    if missing:
+        raise ConversionError(f"{path}: GGUF metadata lacks {', '.join(missing)}; expected a byte-level BPE vocabulary")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     special = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
                 "normalized": False, "special": True}
@@ -165,15 +299,23 @@ def write_gguf_tokenizer(path: Path, meta: dict, out: Path):
               "bos_token": tokens[bos] if bos is not None else None,
               "eos_token": tokens[eos] if eos is not None else None,
               "chat_template": meta.get("tokenizer.chat_template")}
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=1))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
+        (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=1))
+    except OSError as err:
+        raise ConversionError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
 
 
 def write(out: Path, args: ModelArgs, state: dict[str, torch.Tensor]):
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.contiguous() for name, t in state.items()}, str(out / "model.safetensors"))
-    (out / "model_args.json").write_text(json.dumps(args.to_dict(), indent=1))
+    """model.safetensors, then model_args.json (its presence marks a finished conversion)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({name: t.contiguous() for name, t in state.items()}, str(out / "model.safetensors"))
+        (out / "model_args.json").write_text(json.dumps(args.to_dict(), indent=1))
+    except (OSError, SafetensorError) as err:
+        raise ConversionError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
 
 
 def download(repo_id: str) -> Path:
@@ -205,7 +347,7 @@ def main(argv: list[str] | None = None):
     out = opts.out or Path("checkpoints") / name
     try:
         args = convert(src, out)
-    except (ConversionError, ValueError) as err:
+    except (ConversionError, ValueError, OSError) as err:  # OSError: an unreadable source, an unwritable --out
         sys.exit(f"convert.py: {err}")
     print(f"wrote {out}: {args.n_layer} layers, dim {args.dim}, {args.n_head}/{args.n_kv_heads} heads, head_dim {args.head_dim}")
 

@@ -9,6 +9,7 @@ is converted on first use into checkpoints/SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,10 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
 import kernels
+from convert import model_args_problem, state_problem
 from arkv import ARKV, ARKVConfig, ATTENTION, METHODS, OQ_POLICIES, FORMATS, PAPER_GAMMA, PAPER_TAU
 from model import ModelArgs, Transformer, full_cache
 from tokenizer import Tokenizer, load_tokenizer
@@ -30,6 +33,10 @@ from tokenizer import Tokenizer, load_tokenizer
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Defaults of the flags whose argparse default is None (so that a given flag can be told from a
+# default one, see check_flags).
+FLAG_DEFAULTS = dict(seed=0, attention="auto", oq_policy="paper", window=32, kv_quant="int4", gamma=PAPER_GAMMA,
+                     tau=list(PAPER_TAU))
 
 
 class CheckpointError(ValueError):
@@ -60,22 +67,72 @@ def load_model(checkpoint: Path, device: str | torch.device, dtype: torch.dtype)
     if not args_path.is_file() or not weights_path.is_file():
         hint = " (a Hugging Face folder? convert it first: python convert.py DIR)" if (checkpoint / "config.json").is_file() else ""
         raise CheckpointError(f"--checkpoint {checkpoint}: expected model_args.json and model.safetensors{hint}")
-    try:
-        args = ModelArgs(**json.loads(args_path.read_text()))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{args_path}: {err}") from None
+    args = read_model_args(args_path)
     with torch.device("meta"):
         model = Transformer(args)
-    state = load_file(str(weights_path), device=str(device))
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err}); expected the weights "
+                              f"convert.py writes (convert the model again)") from None
+    problem = state_problem(args, state, "model_args.json")  # names, then shapes against model_args.json
+    if problem:
+        raise CheckpointError(f"{weights_path}: {problem}")
+    # a NaN or inf anywhere makes the tensor's sum non-finite: one cheap pass, one host sync
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in state.values()])
+    broken = [name for name, finite in zip(state, torch.isfinite(sums).tolist()) if not finite]
+    if broken:
+        raise CheckpointError(f"{weights_path}: tensor {broken[0]} holds NaN or infinite values "
+                              f"({len(broken)} tensors); expected finite weights (a damaged file?)")
     state = {name: t.to(dtype) for name, t in state.items()}
-    expected = set(model.state_dict()) - ({"output.weight"} if args.tie_embeddings else set())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise CheckpointError(f"{weights_path}: tensors do not match model_args.json (missing {missing[:3]}, unexpected {extra[:3]})")
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def read_model_args(path: Path) -> ModelArgs:
+    """`model_args.json` -> ModelArgs, every defect (not JSON, not an object, missing or unknown
+    fields, a size that is not a positive integer) as one CheckpointError naming the file."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the model_args.json convert.py writes") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: a JSON {type(raw).__name__}; expected an object of ModelArgs fields")
+    fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
+    missing = [name for name, f in fields.items() if name not in raw and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    unknown = [name for name in raw if name not in fields]
+    if missing or unknown:
+        wrong = ", ".join(f"{kind} fields {names}" for kind, names in (("missing", missing), ("unknown", unknown)) if names)
+        raise CheckpointError(f"{path}: {wrong}; expected the fields {', '.join(fields)}")
+    defaults = {name: f.default for name, f in fields.items() if f.default is not dataclasses.MISSING}
+    problem = model_args_problem({**defaults, **raw})  # before ModelArgs: n_kv_heads 0 would divide by zero there
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    try:
+        return ModelArgs(**raw)
+    except (TypeError, ValueError, AttributeError) as err:  # e.g. n_head not a multiple of n_kv_heads
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_tokenizer(checkpoint: Path) -> Tokenizer:
+    """load_tokenizer, with tokenizer files of an unexpected layout (valid JSON, wrong keys or
+    types) as one CheckpointError rather than a KeyError traceback."""
+    try:
+        return load_tokenizer(checkpoint)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"{checkpoint}: tokenizer.json / tokenizer_config.json do not have the layout of a "
+                              f"Hugging Face tokenizer ({type(err).__name__}: {err})") from None
+
+
+def check_token_ids(ids: list[int], args: ModelArgs, checkpoint: Path):
+    """The tokenizer must not produce ids the model has no embedding for."""
+    outside = [i for i in ids if not 0 <= i < args.vocab_size]
+    if outside:
+        raise CheckpointError(f"{checkpoint}: the tokenizer gives token id {outside[0]} but the model has "
+                              f"vocab_size {args.vocab_size} (model_args.json); the tokenizer files do not belong to these weights")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
@@ -195,30 +252,38 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", default="Once upon a time", help="prompt text")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--system", help="system message (needs --chat)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-k", type=positive_int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest (needs --temperature > 0)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: %s)" % FLAG_DEFAULTS["seed"])
     parser.add_argument("--compile", action="store_true", help="compile the decode step (fullgraph)")
     parser.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     parser.add_argument("--prefill-chunk", type=positive_int, help="prefill the prompt in chunks of N tokens; "
                         "ARKV compresses after each, so KV memory stays within budget + chunk")
-    parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION],
+    parser.add_argument("--attention", default=None, choices=["auto", *ATTENTION],
                         help="ARKV decode attention: PyTorch (compiled with --compile) or the Triton kernel; "
-                        "auto: triton on CUDA, torch on the CPU")
+                        "auto: triton on CUDA, torch on the CPU (default: auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
     kv = parser.add_argument_group("KV cache (ARKV and baselines, see arkv.py)")
-    kv.add_argument("--kv-budget", type=kv_budget, help="per layer and KV head: N tokens of full-precision K+V, "
-                    "or N%% of the prompt; without it the full cache is used")
+    kv.add_argument("--kv-budget", action=KVBudgetAction, metavar="N|N%", help="per layer and KV head: N tokens of "
+                    "full-precision K+V, or N%% of the prompt; without it the full cache is used; more than the "
+                    "sequence (prompt + max new tokens) is clamped to it")
     kv.add_argument("--method", choices=["full", *METHODS], help="default: arkv with --kv-budget, else full")
-    kv.add_argument("--oq-policy", default="paper", choices=OQ_POLICIES, help="how ARKV sets each layer's Original share")
-    kv.add_argument("--window", type=positive_int, default=32, help="recent tokens always kept Original")
-    kv.add_argument("--kv-quant", default="int4", choices=list(FORMATS), help="format of Quantized tokens")
-    kv.add_argument("--gamma", type=non_negative_float, default=PAPER_GAMMA, help="weight of the attention variance in token scores")
-    kv.add_argument("--tau", type=positive_float, nargs=3, default=list(PAPER_TAU), metavar=("T1", "T2", "T3"),
-                    help="exponents 1/tau of entropy, variance, kurtosis in the layer score")
+    # KV flags default to None so that check_flags can tell a given flag from a default one; it
+    # fills in FLAG_DEFAULTS afterwards (the help texts below name them).
+    kv.add_argument("--oq-policy", default=None, choices=OQ_POLICIES,
+                    help="how ARKV sets each layer's Original share (default: %s)" % FLAG_DEFAULTS["oq_policy"])
+    kv.add_argument("--window", type=positive_int, default=None,
+                    help="recent tokens always kept Original (default: %s)" % FLAG_DEFAULTS["window"])
+    kv.add_argument("--kv-quant", default=None, choices=list(FORMATS),
+                    help="format of Quantized tokens (default: %s)" % FLAG_DEFAULTS["kv_quant"])
+    kv.add_argument("--gamma", type=non_negative_float, default=None,
+                    help="weight of the attention variance in token scores (default: %s)" % FLAG_DEFAULTS["gamma"])
+    kv.add_argument("--tau", type=positive_float, nargs=3, default=None, metavar=("T1", "T2", "T3"),
+                    help="exponents 1/tau of entropy, variance, kurtosis in the layer score (default: %s)"
+                    % " ".join(map(str, FLAG_DEFAULTS["tau"])))
     return parser
 
 
@@ -262,12 +327,162 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
+# ---------------------------------------------------------------------------------------------
+# Flags that would have no effect, budgets that must fit (issue 12).
+
+
+class KVBudgetAction(argparse.Action):
+    """--kv-budget: stores the parsed budget (see `kv_budget`) and, as `kv_budget_text`, the text
+    the user gave, so that messages quote "10%" rather than what it resolved to."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, kv_budget(values))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        namespace.kv_budget_text = values
+
+
+def check_flags(opts: argparse.Namespace):
+    """A flag that has no effect in the chosen mode is an error, never silently ignored; then the
+    defaults of the None-default flags are filled in. Needs no checkpoint."""
+    method = opts.method or ("arkv" if opts.kv_budget is not None else "full")
+    flag = {"oq_policy": "--oq-policy", "window": "--window", "kv_quant": "--kv-quant", "gamma": "--gamma",
+            "tau": "--tau", "attention": "--attention"}
+    given = [name for name in flag if getattr(opts, name) is not None]
+    if method == "full":
+        if opts.kv_budget is not None:
+            raise CheckpointError(f"--kv-budget {opts.kv_budget_text} has no effect with --method full (the full cache "
+                                  "keeps every token); drop one of them")
+        if given:
+            raise CheckpointError(f"{flag[given[0]]} has no effect with the full cache; it configures ARKV "
+                                  f"(add --kv-budget N) or drop it")
+    # cache methods that ignore a flag: the Original share (oq-policy, tau) is fixed but for arkv,
+    # the Quantized format matters only where tokens get quantized, StreamingLLM keeps by position
+    ignored_by = {"oq_policy": ("evict", "streaming", "h2o", "quant"), "tau": ("evict", "streaming", "h2o", "quant"),
+                  "kv_quant": ("evict", "streaming", "h2o"), "gamma": ("streaming",)}
+    for name, methods in ignored_by.items():
+        if name in given and method in methods:
+            raise CheckpointError(f"{flag[name]} has no effect with --method {method}; drop it")
+    if opts.system is not None and not opts.chat:
+        raise CheckpointError("--system has no effect without --chat (it is the chat's system message); add --chat or drop it")
+    if opts.top_k is not None and opts.temperature == 0:
+        raise CheckpointError(f"--top-k {opts.top_k} has no effect with greedy decoding (--temperature 0); "
+                              "give --temperature > 0 or drop --top-k")
+    if opts.seed is not None and opts.temperature == 0:
+        add_note(opts, f"warning: --seed {opts.seed} has no effect with greedy decoding (--temperature 0)")
+    for name, default in FLAG_DEFAULTS.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, default)
+
+
+def fit_budget(opts: argparse.Namespace, method: str, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """--kv-budget in tokens -> (budget, window, sinks) for ARKVConfig. The flags are checked as
+    given (a percentage is quoted with the token count it resolves to); a budget above the
+    sequence (prompt + max new tokens, what a full cache allocates) is clamped to it, with a note,
+    so the arena never exceeds a full cache. The whole sequence then stays Original (see
+    ARKV.compress), so shrinking the window (and StreamingLLM's sinks) to fit changes nothing."""
+    text = getattr(opts, "kv_budget_text", None) or str(opts.kv_budget)
+    window, sinks = opts.window, ARKVConfig.sinks
+    if isinstance(opts.kv_budget, float):
+        budget = max(1, round(opts.kv_budget * prompt_len))
+        label = f"--kv-budget {text} ({budget} token{'s' * (budget != 1)} of the {prompt_len}-token prompt)"
+    else:
+        budget, label = opts.kv_budget, f"--kv-budget {text}"
+    if budget < window:
+        raise CheckpointError(f"{label} is smaller than the window {window} (--window); expected at least {window} tokens")
+    if method == "streaming" and budget < window + sinks:
+        raise CheckpointError(f"{label}: streaming needs the window {window} + {sinks} sink tokens")
+    sequence = prompt_len + max_new_tokens
+    if budget > sequence:
+        budget, changed = sequence, ""
+        if method == "streaming" and budget < min(window, budget) + sinks:
+            window = max(1, budget - sinks)
+            sinks = budget - window
+        window = min(window, budget)
+        if window != opts.window:
+            changed = f"; --window {opts.window} reduced to {window}"
+        if sinks != ARKVConfig.sinks:
+            changed += f"; sink tokens reduced to {sinks}"
+        add_note(opts, f"note: {label} is more than the sequence ({prompt_len} prompt + {max_new_tokens} new tokens): "
+                 f"clamped to {budget} tokens, the size of a full cache, every token kept Original{changed}")
+    return budget, window, sinks
+
+
+def add_note(opts: argparse.Namespace, line: str):
+    """Keep a one-line note or warning until every check has passed (see print_notes), so that a
+    failing run prints its error alone."""
+    opts.notes = [*getattr(opts, "notes", []), line]
+
+
+def print_notes(opts: argparse.Namespace):
+    for line in getattr(opts, "notes", []):
+        print(line, file=sys.stderr)
+    opts.notes = []
+
+
+def full_cache_bytes(args: ModelArgs, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes model.KVCache allocates for `seq_len` tokens: K and V (2 x layers x batch x KV heads
+    x seq x head_dim x itemsize) plus each layer's int64 slot positions."""
+    return args.n_layer * (2 * batch_size * args.n_kv_heads * seq_len * args.head_dim * dtype.itemsize + 8 * seq_len)
+
+
+def arkv_cache_bytes(manager: ARKV, batch_size: int, prefill_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes the ARKV caches need: per layer, batch row and KV head, the arena
+    (`SlotGeometry.arena_bytes`), an int64 position and three float32 statistics per Original and
+    per Quantized slot, and the prefill's K/V (`prefill_tokens` tokens in the model `dtype`) that
+    every layer holds until compression."""
+    slots, args = manager.slots, manager.args
+    bookkeeping = (slots.kv_budget + slots.quantized_slots) * (8 + 3 * 4)
+    pending = prefill_tokens * 2 * args.head_dim * dtype.itemsize
+    return args.n_layer * batch_size * args.n_kv_heads * (slots.arena_bytes + bookkeeping + pending)
+
+
+MEMINFO = Path("/proc/meminfo")
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes free for new tensors on `device`, where that figure comes from), or None when it
+    cannot be read. CUDA: the driver's free memory plus what PyTorch holds unused; CPU:
+    MemAvailable from /proc/meminfo, else the free physical pages."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached, f"free on {device}"
+    if device.type != "cpu":
+        return None
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, f"MemAvailable in {MEMINFO}"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical pages (sysconf)"
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_memory(need: int, what: str, device: torch.device, advice: str):
+    """Fail before allocating when `need` bytes will not fit on `device`."""
+    available = available_memory(device)
+    if available is not None and need > available[0]:
+        free, source = available
+        raise CheckpointError(f"{what}: the KV cache would need {need:,} bytes ({need / 2**30:.2f} GiB) but "
+                              f"{free:,} bytes ({free / 2**30:.2f} GiB) are available ({source}); {advice}")
+
+
 def main(argv: list[str] | None = None):
     opts = build_parser().parse_args(argv)
     try:
+        check_flags(opts)
         run(opts)
     except (CheckpointError, ValueError, OSError) as err:
         sys.exit(f"generate.py: {err}")
+    except RuntimeError as err:  # an allocation that failed anyway (torch.OutOfMemoryError is a RuntimeError)
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        sys.exit(f"generate.py: out of memory: {str(err).splitlines()[0]}")
 
 
 def run(opts: argparse.Namespace):
@@ -276,7 +491,7 @@ def run(opts: argparse.Namespace):
     torch.manual_seed(opts.seed)
     checkpoint = opts.checkpoint or default_checkpoint()
     model = load_model(checkpoint, device, dtype)
-    tokenizer = load_tokenizer(checkpoint)
+    tokenizer = read_tokenizer(checkpoint)
     if opts.prompt_file is not None:
         try:
             text = opts.prompt_file.read_text()
@@ -287,6 +502,7 @@ def run(opts: argparse.Namespace):
     ids = tokenizer.prompt_ids(text, chat=opts.chat, system=opts.system)
     if not ids:
         raise CheckpointError("the prompt is empty")
+    check_token_ids(ids, model.args, checkpoint)
     context = model.args.max_seq_len
     if len(ids) >= context:
         raise CheckpointError(f"the prompt is {len(ids)} tokens; the model context is {context} (max_seq_len in model_args.json)")
@@ -298,13 +514,25 @@ def run(opts: argparse.Namespace):
         raise CheckpointError(f"--method {method} needs --kv-budget")
     if method != "full" and opts.prefill_chunk is not None and opts.prefill_chunk < max(2, opts.window):
         raise CheckpointError(f"--prefill-chunk {opts.prefill_chunk}: expected at least the window ({opts.window}) and 2 tokens")
+    if opts.prefill_chunk is not None and len(chunk_bounds(len(ids), opts.prefill_chunk)) == 1:
+        add_note(opts, f"note: --prefill-chunk {opts.prefill_chunk} has no effect: the {len(ids)}-token prompt is one chunk")
     manager = None
     if method != "full":
-        budget = opts.kv_budget if isinstance(opts.kv_budget, int) else max(1, round(opts.kv_budget * len(ids)))
-        config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=opts.window,
+        budget, window, sinks = fit_budget(opts, method, len(ids), max_new_tokens)  # clamped to the sequence
+        config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=window, sinks=sinks,
                             kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau),
                             attention=resolve_attention(opts.attention, device))
         manager = ARKV(config, model.args, dtype)
+    # -- the KV cache must fit in memory: checked before anything is allocated (issue 12)
+    if manager:
+        prefill_tokens = min(len(ids), opts.prefill_chunk + 1) if opts.prefill_chunk else len(ids)
+        check_memory(arkv_cache_bytes(manager, 1, prefill_tokens, dtype), f"--kv-budget "
+                     f"{getattr(opts, 'kv_budget_text', opts.kv_budget)} ({manager.slots.kv_budget} tokens)", device,
+                     "lower --kv-budget or --max-new-tokens, or give --prefill-chunk")
+    else:
+        check_memory(full_cache_bytes(model.args, 1, len(ids) + max_new_tokens, dtype), f"the full cache for "
+                     f"{len(ids)} prompt + {max_new_tokens} new tokens", device, "give --kv-budget or lower --max-new-tokens")
+    print_notes(opts)  # every check passed
     model.setup_caches(1, len(ids) + max_new_tokens, manager.cache_factory if manager else full_cache)
     decode_step, prefill_step = decode_one_token, prefill
     if opts.compile:
