@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: triton on CUDA, torch on the CPU (default: auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype Original (and full-cache) K/V are stored in, while the model computes in --dtype "
+                             "(auto: --dtype); --kv-budget counts tokens of this dtype")
     kv = parser.add_argument_group("KV cache (ARKV and baselines, see arkv.py)")
     kv.add_argument("--kv-budget", action=KVBudgetAction, metavar="N|N%", help="per layer and KV head: N tokens of "
                     "full-precision K+V, or N%% of the prompt; without it the full cache is used; more than the "
@@ -488,6 +491,7 @@ def main(argv: list[str] | None = None):
 def run(opts: argparse.Namespace):
     device = resolve_device(opts.device)
     dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    kv_dtype = dtype if opts.kv_dtype == "auto" else DTYPES[opts.kv_dtype]
     torch.manual_seed(opts.seed)
     checkpoint = opts.checkpoint or default_checkpoint()
     model = load_model(checkpoint, device, dtype)
@@ -522,7 +526,7 @@ def run(opts: argparse.Namespace):
         config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=window, sinks=sinks,
                             kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau),
                             attention=resolve_attention(opts.attention, device))
-        manager = ARKV(config, model.args, dtype)
+        manager = ARKV(config, model.args, kv_dtype)
     # -- the KV cache must fit in memory: checked before anything is allocated (issue 12)
     if manager:
         prefill_tokens = min(len(ids), opts.prefill_chunk + 1) if opts.prefill_chunk else len(ids)
@@ -530,10 +534,10 @@ def run(opts: argparse.Namespace):
                      f"{getattr(opts, 'kv_budget_text', opts.kv_budget)} ({manager.slots.kv_budget} tokens)", device,
                      "lower --kv-budget or --max-new-tokens, or give --prefill-chunk")
     else:
-        check_memory(full_cache_bytes(model.args, 1, len(ids) + max_new_tokens, dtype), f"the full cache for "
+        check_memory(full_cache_bytes(model.args, 1, len(ids) + max_new_tokens, kv_dtype), f"the full cache for "
                      f"{len(ids)} prompt + {max_new_tokens} new tokens", device, "give --kv-budget or lower --max-new-tokens")
     print_notes(opts)  # every check passed
-    model.setup_caches(1, len(ids) + max_new_tokens, manager.cache_factory if manager else full_cache)
+    model.setup_caches(1, len(ids) + max_new_tokens, manager.cache_factory if manager else full_cache, kv_dtype)
     decode_step, prefill_step = decode_one_token, prefill
     if opts.compile:
         mode = "reduce-overhead" if device.type == "cuda" else "default"

@@ -189,3 +189,28 @@ def test_triton_kernel_reads_each_rows_own_bounds(kv_quant):
     y_twin, probs_twin = mixed_precision_attention(*args)
     torch.testing.assert_close(y, y_twin, atol=1e-5, rtol=0)
     torch.testing.assert_close(probs, probs_twin, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_kv_on_smollm2_answers_paris_and_finds_the_pass_key(smollm2_checkpoint):
+    """SmolLM2 computing in float32 with K/V stored in bfloat16 (--kv-dtype) answers as with a float32 cache: the
+    capital question, and a 5-digit pass key hidden in ~2.5k tokens of essays; ARKV's arena is half the bytes."""
+    from conftest import asset
+    from generate import generate, load_model
+    from tokenizer import load_tokenizer
+
+    essays = sorted(asset("haystack/PaulGrahamEssays").glob("*.txt"))
+    model, tokenizer = load_model(smollm2_checkpoint, "cpu", torch.float32), load_tokenizer(smollm2_checkpoint)
+    words = " ".join(path.read_text() for path in essays[:3]).split()[:1900]
+    document = " ".join(words[:950] + ["The pass key is 69294. Remember it. 69294 is the pass key."] + words[950:])
+    prompts = {"Paris": "What is the capital of France?",
+               "69294": document + "\n\nWhat is the pass key? The pass key is"}
+    for answer, text in prompts.items():
+        ids = tokenizer.prompt_ids(text, chat=answer == "Paris")
+        replies = []
+        for kv_dtype in (torch.float32, torch.bfloat16):
+            model.setup_caches(1, len(ids) + 12, kv_dtype=kv_dtype)
+            tokens, _ = generate(model, torch.tensor([ids]), 12, tokenizer.eos_ids)
+            replies.append(tokenizer.decode(tokens))
+        assert all(answer in reply for reply in replies), replies
+    halves = [ARKV(ARKVConfig(kv_budget=64), model.args, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    assert halves[0].slots.arena_bytes == 2 * halves[1].slots.arena_bytes
