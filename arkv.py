@@ -1,9 +1,22 @@
 """ARKV: a tri-state KV cache (Original / Quantized / Evicted) under a real memory budget.
 
-Method: Lei & Ilager, "ARKV", arXiv 2603.08727 (2026). This file holds the whole method and reads
-in its order: configuration -> quantization formats -> prefill statistics (entropy, variance,
-kurtosis) -> per-layer Original share -> byte budgets -> token scores -> tri-state assignment ->
-decode-time demotion -> mixed-precision attention -> the cache module and its manager.
+Method: Lei & Ilager, "ARKV", arXiv 2603.08727 (2026). Where each of its steps lives, in file order:
+
+1. Per-layer Original share from the prefill statistics: `window_probabilities` (attention of the
+   last W queries), `layer_statistics` (entropy H, variance V, kurtosis K), `oq_score`
+   (q_l = H^(1/tau1) V^(1/tau2) K^(1/tau3)), `ARKVRule.original_shares` (rho_l = q_l / max_j q_j),
+   `SlotGeometry.capacities` (rho_l as Original and Quantized slots of the layer's bytes).
+2. Token importance: `token_statistics` (mean + gamma * variance over the window queries, pooled,
+   GQA-averaged) ranks the prefill tokens (`ARKVRule.prefill_key`); while decoding a slot competes
+   with `ARKVRule.slot_score` of the running statistics that `ARKVRule.update` keeps.
+3. Tri-state tailoring and mixed-precision attention: `ARKVCache.assign` (after prefill),
+   `ARKVCache.place` (each decode step: demote or evict one token), `mixed_precision_attention`
+   (or `kernels.tristate_attention`). After prefill, `ARKV.compress` runs steps 1-3 on every layer.
+
+The baselines are rules beside ARKV's (`EvictRule`, `QuantRule`, `StreamingRule`, `H2ORule`) and run
+through the same cache, in the same bytes. The file reads: configuration -> quantization formats ->
+prefill statistics -> the methods' rules (what to keep) -> byte budgets -> the cache of one layer
+(how it is stored: arena, assignment, placement, attention) -> mixed-precision attention -> manager.
 
 Memory layout. Each layer owns one byte arena per (batch row, KV head) of exactly `kv_budget` tokens
 of full-precision K+V. The Original region grows from the front of the arena (slots of
@@ -88,8 +101,8 @@ class ARKVConfig:
 def symmetric_scale(x: Tensor, levels: float) -> tuple[Tensor, Tensor]:
     """The per-row scale of a symmetric format with codes in [-levels, levels].
 
-    s = max|x| / levels over the row's finite x, rounded up where the float32 quotient fell below
-    it (a subnormal max|x| / levels can round far down, to 0 even), so that |x| <= levels s;
+    s = max|x| / levels over the row's finite x, one step up where levels s (float32) falls below
+    max|x| (a subnormal quotient can round far down, to 0 even), so that |x| <= levels s;
     at most float32-max / 2^ceil(log2 levels), so that levels s stays finite (larger |x| saturate);
     1 for a row without a nonzero finite value (its codes are 0); NaN for a row holding a NaN.
 
@@ -100,6 +113,19 @@ def symmetric_scale(x: Tensor, levels: float) -> tuple[Tensor, Tensor]:
     scale = torch.where(scale * levels < amax, scale.nextafter(torch.tensor(torch.inf)), scale)
     scale = torch.where(amax > 0, scale.clamp_max(torch.finfo(torch.float32).max / 2 ** math.ceil(math.log2(levels))), 1.0)
     return x.clamp(-amax, amax), scale.masked_fill(x.isnan().any(-1, keepdim=True), torch.nan)
+
+
+def bfloat16_round(x: Tensor, up: bool) -> Tensor:
+    """Finite float32 x rounded to a bfloat16 value toward +inf (up) or -inf, kept in float32.
+    bfloat16 is float32's upper 16 bits: clearing the lower 16 rounds |x| toward zero, and adding
+    2^16 to the bits where those were not all zero rounds it away from zero (a carry into the
+    exponent gives the next binade's first value). Bit operations, because torch.compile computes
+    bfloat16 in float32: it drops a float32 -> bfloat16 -> float32 round trip and takes
+    torch.nextafter of a bfloat16 in float32, and either would undo a directed rounding."""
+    bits = x.view(torch.int32)
+    toward_zero = bits & -65536  # 0xFFFF0000
+    away = torch.where(bits != toward_zero, toward_zero + 65536, toward_zero)  # int32 throughout
+    return torch.where((x >= 0) == up, away, toward_zero).view(torch.float32)
 
 
 class Fp8:
@@ -118,7 +144,8 @@ class Fp8:
 
     @staticmethod
     def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-        """The clamp saturates past 448 s: e4m3fn has no infinity (out-of-range casts may give NaN)."""
+        """The clamp saturates past 448 s: e4m3fn has no infinity, and torch before the saturating
+        cast of c10's Float8_e4m3fn turned |x / s| >= 480 into NaN."""
         x, scale = symmetric_scale(x, 448.0)
         payload = (x / scale).clamp(-448, 448).nan_to_num(0.0).to(torch.float8_e4m3fn).view(torch.uint8)
         return payload, scale
@@ -148,15 +175,16 @@ class Int8:
 class Int4:
     """Asymmetric 4-bit per group of 32 channels (KIVI-style), two values packed per byte, bfloat16
     scale and zero point per group: with lo, hi the group's finite minimum and maximum clamped to
-    +-2^126, z = lo rounded down and s = (hi - z) / 15 rounded up to bfloat16,
+    +-2^126, z = lo rounded down and s = (hi - z) / 15 rounded up to bfloat16 (`bfloat16_round`),
     q = round((x - z) / s) in [0, 15], x ~ q s + z. Every x in [lo, hi] lies in [z, z + 15 s], so
     the elementwise error is <= s / 2 (plus |x| - 2^126 past the clamp).
 
     bfloat16 has float32's exponent range, so z and s hold any group (float16 overflowed past
-    65504); its 8-bit mantissa cost MEASURED relative MSE on SmolLM2-135M's K/V against float16, for
-    the same 4 bytes per group (float32 would take 8). The clamp at 2^126 keeps float32 arithmetic
-    finite: hi - z <= 2^127, so 15 s (hi - z rounded up by at most 2 bfloat16 steps) and
-    z + q s stay far below float32's overflow at 2^128."""
+    65504). Measured on SmolLM2-135M's K/V after a 500-token prefill (relative MSE, all layers):
+    bfloat16 +1.0% against float16 (+0.6% with a bfloat16 model), float32 -0.1% but 96 bytes per
+    token at head_dim 64 instead of 80. The clamp at 2^126 keeps float32 arithmetic finite:
+    hi - z <= 2^127, so 15 s (s at most 2 bfloat16 steps above (hi - z) / 15) and z + q s stay
+    far below float32's overflow at 2^128."""
     meta_dtype = torch.bfloat16
     group = 32
     limit = 2.0**126
@@ -178,16 +206,14 @@ class Int4:
         empty = lo > hi  # no finite value: +-inf read back as 0
         lo = torch.where(empty, 0.0, lo).clamp(-cls.limit, cls.limit)
         hi = torch.where(empty, 0.0, hi).clamp(-cls.limit, cls.limit)
-        dtype = cls.meta_dtype
-        zero = lo.to(dtype)
-        zero = torch.where(zero.float() > lo, zero.nextafter(torch.tensor(-torch.inf, dtype=dtype)), zero)
-        scale = ((hi - zero.float()) / 15).to(dtype)
-        scale = torch.where(zero.float() + 15 * scale.float() < hi, scale.nextafter(torch.tensor(torch.inf, dtype=dtype)), scale)
-        safe_scale = torch.where(scale > 0, scale.float(), 1.0)
-        q = torch.round((groups - zero.float()) / safe_scale).clamp(0, 15).nan_to_num(0.0)  # +-inf -> 15 or 0
+        zero = bfloat16_round(lo, up=False)
+        scale = bfloat16_round((hi - zero) / 15, up=True)  # then one step more where float32's quotient fell short
+        scale = torch.where(zero + 15 * scale < hi, bfloat16_round(scale.nextafter(torch.tensor(torch.inf)), up=True), scale)
+        safe_scale = torch.where(scale > 0, scale, 1.0)
+        q = torch.round((groups - zero) / safe_scale).clamp(0, 15).nan_to_num(0.0)  # +-inf -> 15 or 0
         q = q.to(torch.uint8).flatten(-2)  # [..., D]
         payload = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., D/2]
-        meta = torch.cat([scale, zero], dim=-1).masked_fill(groups.isnan().any(-1, keepdim=True), torch.nan)
+        meta = torch.cat([scale, zero], dim=-1).bfloat16().masked_fill(groups.isnan().any(-1, keepdim=True), torch.nan)
         return payload, meta.flatten(-2)  # meta [..., D/g * 2]
 
     @classmethod
@@ -280,27 +306,142 @@ def window_pending(config: ARKVConfig, q: Tensor, k: Tensor, v: Tensor, input_po
 
 
 # ---------------------------------------------------------------------------------------------
-# Original share per layer, and the byte budget it turns into.
+# What to keep: one rule per method, side by side, ARKV's first. A rule gives a layer's Original
+# share, ranks the prefill candidates, seeds each kept token's statistics (mean, variance, count),
+# scores a slot from them and updates them with each decode query's attention. The cache
+# (`ARKVCache`) stores and moves tokens, and asks its rule whatever differs between methods.
 
 
-def original_shares(scores: list[float], config: ARKVConfig, seq_len: int, slots: "SlotGeometry") -> list[float]:
-    """rho_l in [0, 1]: the share of the non-window budget a layer keeps at full precision.
+class ARKVRule:
+    """ARKV (Lei & Ilager 2026, arXiv 2603.08727, section 3): tri-state, with each layer's Original
+    share from its prefill statistics and tokens ranked by heavy-hitter score (mean + gamma *
+    variance of their attention). Original, Quantized and Evicted tokens all compete by that score."""
+    quantizes = True
 
-    paper: rho_l = q_l / max_j q_j. coverage: first keep every token (window Original, the rest
-    Quantized); the Original upgrades that the bytes left over still allow go to the layers in
-    proportion to q_l / max_j q_j. evict/streaming/h2o keep Original only (rho 1), quant rho 0."""
-    if config.method in ("evict", "streaming", "h2o"):
-        return [1.0] * len(scores)
-    if config.method == "quant":
-        return [0.0] * len(scores)
-    top = max(scores)
-    relative = [s / top for s in scores]
-    if config.oq_policy == "paper":
-        return relative
-    if config.kv_budget == config.window:
-        return [0.0] * len(scores)  # nothing beyond the window to share
-    spare = slots.max_original_upgrades(seq_len)
-    return [r * spare / (config.kv_budget - config.window) for r in relative]
+    def original_shares(self, layer_scores: list[float], config: ARKVConfig, seq_len: int,
+                        slots: SlotGeometry) -> list[float]:
+        """rho_l in [0, 1]: the share of the non-window budget layer l keeps at full precision.
+
+        paper: rho_l = q_l / max_j q_j. coverage (ours): first keep every token (window Original,
+        the rest Quantized); the Original upgrades that the bytes left over still allow go to the
+        layers in proportion to q_l / max_j q_j."""
+        relative = [s / max(layer_scores) for s in layer_scores]
+        if config.oq_policy == "paper":
+            return relative
+        if config.kv_budget == config.window:
+            return [0.0] * len(layer_scores)  # nothing beyond the window to share
+        spare = slots.max_original_upgrades(seq_len)
+        return [r * spare / (config.kv_budget - config.window) for r in relative]
+
+    def prefill_key(self, pending: dict, config: ARKVConfig) -> Tensor:
+        """Candidates rank by s_t = avgpool_5(mean_w a_wt + gamma var_w a_wt) over the window queries
+        w, averaged over the GQA group (`token_statistics`): [B, Hkv, T]."""
+        return pending["score"]
+
+    def initial_stats(self, pending: dict, config: ARKVConfig) -> Tensor:
+        """A kept token's decode statistics start from its unpooled window attention:
+        (mean_w a_wt, var_w a_wt, W) [B, Hkv, T, 3]."""
+        mean = pending["mean"]
+        return torch.stack([mean, pending["variance"], torch.full_like(mean, pending["count"])], dim=-1)
+
+    def fresh_stats(self, input_pos: Tensor, config: ARKVConfig) -> Tensor:
+        """A new token has seen no query: (0, 0, 0). input_pos [B or 1, 1, 1] -> [B or 1, 1, 1, 3]."""
+        return torch.zeros(*input_pos.shape, 3, device=input_pos.device)
+
+    def slot_score(self, stats: Tensor, config: ARKVConfig) -> Tensor:
+        """mean + gamma * variance: stats [B, Hkv, S, 3] -> [B, Hkv, S]."""
+        return stats[..., 0] + config.gamma * stats[..., 1]
+
+    def update(self, stats: Tensor, attention: Tensor, config: ARKVConfig) -> Tensor:
+        """Running mean and variance over about the last W decode queries: with a the query's
+        attention (GQA-averaged), d = a - mean and w = max(1 / (n + 1), 1 / W),
+        mean += w d, variance = (1 - w)(variance + w d^2), n += 1 (Welford's update while
+        n < W, then an exponential moving average). stats [B, Hkv, S, 3], attention [B, Hkv, S]."""
+        mean, variance, count = stats.unbind(-1)
+        weight = (1.0 / (count + 1)).clamp_min(1.0 / config.window)
+        delta = attention - mean
+        return torch.stack([mean + weight * delta, (1 - weight) * (variance + weight * delta**2), count + 1], dim=-1)
+
+
+class EvictRule(ARKVRule):
+    """Eviction only, SnapKV-style (Li et al. 2024; the paper's "Origin"): ARKV's scores, every kept
+    token Original (rho 1), no Quantized region."""
+    quantizes = False
+
+    def original_shares(self, layer_scores: list[float], config: ARKVConfig, seq_len: int,
+                        slots: SlotGeometry) -> list[float]:
+        return [1.0] * len(layer_scores)
+
+
+class QuantRule(ARKVRule):
+    """Uniform quantization with a full-precision residual window (KIVI-like, Liu et al. 2024): every
+    kept token but the window Quantized (rho 0); ARKV's scores choose whom to evict when not all fit."""
+
+    def original_shares(self, layer_scores: list[float], config: ARKVConfig, seq_len: int,
+                        slots: SlotGeometry) -> list[float]:
+        return [0.0] * len(layer_scores)
+
+
+class StreamingRule(EvictRule):
+    """StreamingLLM (Xiao et al. 2023): the first `sinks` tokens (attention sinks) and the most
+    recent ones, Original only. The score is the position, +inf for a sink; attention is never read."""
+
+    def recency(self, positions: Tensor, config: ARKVConfig) -> Tensor:
+        """The position as a float score, +inf below `sinks`: same shape as positions."""
+        return positions.float().masked_fill(positions < config.sinks, torch.inf)
+
+    def prefill_key(self, pending: dict, config: ARKVConfig) -> Tensor:
+        return self.recency(pending["pos"], config)
+
+    def initial_stats(self, pending: dict, config: ARKVConfig) -> Tensor:
+        recency = self.recency(pending["pos"], config)  # [B, Hkv, T]
+        return torch.stack([recency, torch.zeros_like(recency), torch.full_like(recency, pending["count"])], dim=-1)
+
+    def fresh_stats(self, input_pos: Tensor, config: ARKVConfig) -> Tensor:
+        recency = self.recency(input_pos, config)  # [B or 1, 1, 1]
+        return torch.stack([recency, torch.zeros_like(recency), torch.zeros_like(recency)], dim=-1)
+
+    def slot_score(self, stats: Tensor, config: ARKVConfig) -> Tensor:
+        return stats[..., 0]
+
+    def update(self, stats: Tensor, attention: Tensor, config: ARKVConfig) -> Tensor:
+        return stats
+
+
+class H2ORule(EvictRule):
+    """H2O (Zhang et al. 2023): heavy hitters by accumulated attention, Original only. A token's
+    score is the sum of the attention it has received (GQA-averaged): at prefill from the W window
+    queries, sum_w a_wt = W mean_w a_wt (no pooling, no variance), then from every decode query."""
+
+    def prefill_key(self, pending: dict, config: ARKVConfig) -> Tensor:
+        return pending["mean"] * pending["count"]  # [B, Hkv, T]
+
+    def initial_stats(self, pending: dict, config: ARKVConfig) -> Tensor:
+        accumulated = self.prefill_key(pending, config)  # [B, Hkv, T]
+        return torch.stack([accumulated, torch.zeros_like(accumulated),
+                            torch.full_like(accumulated, pending["count"])], dim=-1)
+
+    def slot_score(self, stats: Tensor, config: ARKVConfig) -> Tensor:
+        return stats[..., 0]
+
+    def update(self, stats: Tensor, attention: Tensor, config: ARKVConfig) -> Tensor:
+        """sum += a, n += 1."""
+        accumulated, variance, count = stats.unbind(-1)
+        return torch.stack([accumulated + attention, variance, count + 1], dim=-1)
+
+
+RULES = {"arkv": ARKVRule(), "evict": EvictRule(), "quant": QuantRule(), "streaming": StreamingRule(),
+         "h2o": H2ORule()}
+
+
+def original_shares(scores: list[float], config: ARKVConfig, seq_len: int, slots: SlotGeometry) -> list[float]:
+    """rho_l of every layer under `config.method`: ARKV's from the layer scores q_l, 1 (evict,
+    streaming, h2o) or 0 (quant)."""
+    return RULES[config.method].original_shares(scores, config, seq_len, slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte budgets: a layer's Original share as slots of one arena.
 
 
 @dataclass
@@ -346,13 +487,14 @@ class ARKVCache(nn.Module):
     """One layer's tri-state cache; `forward(q, k, v, input_pos)` is the interface of model.KVCache.
 
     Per slot it keeps the token's absolute position (-1: empty) and its score statistics
-    (mean, variance, count): running over about W decode queries for ARKV, a plain sum for H2O, the
-    position itself for StreamingLLM."""
+    (mean, variance, count), which only its method's rule (`self.rule`, see `ARKVRule`) reads and
+    writes: what to keep is the rule's, where and how it is stored is this class's."""
 
     def __init__(self, config: ARKVConfig, slots: SlotGeometry, batch_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype):
         super().__init__()
         self.config, self.slots, self.fmt = config, slots, FORMATS[config.kv_quant]
+        self.rule = RULES[config.method]
         self.head_dim, self.dtype = head_dim, dtype
         B, N, M = batch_size, self.slots.kv_budget, self.slots.quantized_slots
         self.register_buffer("arena", torch.zeros(B, n_kv_heads, self.slots.arena_bytes, dtype=torch.uint8), persistent=False)
@@ -363,6 +505,10 @@ class ARKVCache(nn.Module):
         self.register_buffer("o_capacity", torch.full((B,), N), persistent=False)  # per row: Original slots usable
         self.register_buffer("q_first", torch.full((B,), M), persistent=False)  # per row: first Quantized slot
         self.pending: dict | None = None
+
+    @property
+    def has_quantized(self) -> bool:
+        return self.slots.quantized_slots > 0 and self.rule.quantizes
 
     # Views of the arena. Reads go through typed views: [B, Hkv, N, 2, D] Original K/V, and per
     # quantized slot its payload [B, Hkv, M, 2, P] and float metadata [B, Hkv, M, 2, m]. Writes go
@@ -462,15 +608,16 @@ class ARKVCache(nn.Module):
     # -- tri-state assignment after prefill --------------------------------------------------
     @torch.no_grad()
     def assign(self, c_o: int, c_q: int):
-        """Window -> Original; best scores -> Original up to C_o; next -> Quantized up to C_q; the
-        rest evicted. A token held Quantized stays Quantized or is evicted. Selections are written
-        in position order; a capacity larger than the candidates leaves slots empty (-1)."""
+        """Window -> Original; best `rule.prefill_key` -> Original up to C_o; next -> Quantized up to
+        C_q; the rest evicted. A token held Quantized stays Quantized or is evicted. Selections are
+        written in position order; a capacity larger than the candidates leaves slots empty (-1)."""
         p = self.pending
         pos = p["pos"]  # [B, Hkv, T] candidate positions, ascending, -1 (none) last
         T = pos.shape[-1]
         as_original, as_quantized, was_quantized = self.candidate_bytes(p)
-        key = self.selection_key(p["score"], pos, p["seq_len"])
-        initial = self.initial_stats(p, pos)  # [B, Hkv, T, 3]
+        in_window = pos >= p["seq_len"] - self.config.window  # always kept; a missing candidate (-1) never
+        key = self.rule.prefill_key(p, self.config).masked_fill(in_window, torch.inf).masked_fill(pos < 0, -torch.inf)
+        initial = self.rule.initial_stats(p, self.config)  # [B, Hkv, T, 3]
         o_key = key.masked_fill(was_quantized, -torch.inf)
         o_sel = o_key.argsort(dim=-1, descending=True, stable=True)[..., :min(c_o, T)].sort(dim=-1).values  # [B, Hkv, n_o]
         o_live = o_key.gather(2, o_sel) > -torch.inf
@@ -495,32 +642,6 @@ class ARKVCache(nn.Module):
         self.q_first.fill_(q_first)
         self.pending = None
 
-    def selection_key(self, score: Tensor, positions: Tensor, seq_len: int) -> Tensor:
-        """Higher keys are kept first: the window always; sinks then recency for StreamingLLM;
-        never a missing candidate (position -1)."""
-        key = positions.float() if self.config.method == "streaming" else score
-        protected = positions >= seq_len - self.config.window
-        if self.config.method == "streaming":
-            protected = protected | ((positions < self.config.sinks) & (positions >= 0))
-        return key.masked_fill(protected, torch.inf).masked_fill(positions < 0, -torch.inf)
-
-    def initial_stats(self, pending: dict, positions: Tensor) -> Tensor:
-        """Per-token (mean, variance, count) seeding the decode-time scores: [B, Hkv, T, 3]."""
-        mean, variance, count = pending["mean"], pending["variance"], pending["count"]
-        if self.config.method == "h2o":
-            mean, variance = mean * count, torch.zeros_like(variance)
-        if self.config.method == "streaming":
-            mean = positions.float().masked_fill(positions < self.config.sinks, torch.inf)
-            variance = torch.zeros_like(variance)
-        return torch.stack([mean, variance, torch.full_like(mean, count)], dim=-1)
-
-    def slot_score(self, stats: Tensor) -> Tensor:
-        """The score a slot competes with: mean + gamma * variance (ARKV, evict, quant), the
-        accumulated attention (H2O), the position (StreamingLLM)."""
-        if self.config.method in ("h2o", "streaming"):
-            return stats[..., 0]
-        return stats[..., 0] + self.config.gamma * stats[..., 1]
-
     # -- decode -----------------------------------------------------------------------------
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Place the new token (demoting or evicting one), then attend over the tri-state cache
@@ -533,13 +654,14 @@ class ARKVCache(nn.Module):
         return y
 
     def place(self, new_kv: Tensor, input_pos: Tensor, first: int):
-        """input_pos [B or 1, 1, 1]. The new token takes a free Original slot; with none free, the weakest Original token
+        """The new token takes a free Original slot; with none free, the weakest Original token
         outside the window (the token leaving the window included) is demoted: quantized once
         into a free Quantized slot, or over the weakest Quantized token if that one scores lower
-        (which is evicted), else evicted itself."""
+        (which is evicted), else evicted itself. Weakest: lowest `rule.slot_score`.
+        new_kv [B, Hkv, 1, 2, D]; input_pos [B or 1, 1, 1]."""
         window, inf = self.config.window, torch.inf
         o_slot = torch.arange(self.o_pos.shape[-1], device=input_pos.device)
-        o_score = self.slot_score(self.o_stats)
+        o_score = self.rule.slot_score(self.o_stats, self.config)
         o_key = torch.where(self.o_pos > input_pos - window, inf, o_score)  # window tokens stay
         o_key = torch.where(self.o_pos < 0, -inf, o_key).masked_fill(o_slot >= self.o_capacity[:, None, None], inf)
         victim = o_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
@@ -554,11 +676,13 @@ class ARKVCache(nn.Module):
             # path, or when q_first == M) is never a target
             M = self.q_pos.shape[-1]
             q_slot = torch.arange(first, M, device=input_pos.device)
-            q_key = torch.where(self.q_pos[..., first:] < 0, -inf, self.slot_score(self.q_stats[:, :, first:]))
+            q_score = self.rule.slot_score(self.q_stats[:, :, first:], self.config)  # [B, Hkv, M - first]
+            q_key = torch.where(self.q_pos[..., first:] < 0, -inf, q_score)
             q_key = q_key.masked_fill(q_slot < self.q_first[:, None, None], inf)  # [B, Hkv, M - first]
             offset = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
             target = offset + first
-            demote = (victim_pos >= 0) & (q_key.gather(2, offset) < self.slot_score(victim_stats))  # [B, Hkv, 1]
+            victim_score = self.rule.slot_score(victim_stats, self.config)  # [B, Hkv, 1]
+            demote = (victim_pos >= 0) & (q_key.gather(2, offset) < victim_score)  # [B, Hkv, 1]
             # Without a demotion the Quantized write repeats the first bytes of the Original one
             # (same places, same values): the target may lie in the Original region (no Quantized
             # region), and an index_put with conflicting duplicates has no defined order.
@@ -572,9 +696,7 @@ class ARKVCache(nn.Module):
         # or a second index_put on the same buffer, makes the compiler copy the whole arena
         self.arena.view(-1)[torch.cat(index, dim=-1).flatten()] = torch.cat(value, dim=-1).flatten()
         scatter_slots(self.o_pos, victim, input_pos.expand_as(victim))
-        fresh = torch.zeros_like(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
-        if self.config.method == "streaming":
-            fresh[..., 0] = torch.where(input_pos < self.config.sinks, torch.inf, input_pos.float())
+        fresh = self.rule.fresh_stats(input_pos, self.config).expand_as(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
         scatter_slots(self.o_stats, victim, fresh)
 
     def byte_index(self, slot: Tensor, slot_size: int) -> Tensor:
@@ -599,30 +721,16 @@ class ARKVCache(nn.Module):
             return 0
         return slot_bound(self.q_first.min(), self.q_pos.shape[-1] - 1)
 
-    @property
-    def has_quantized(self) -> bool:
-        return self.slots.quantized_slots > 0 and self.config.method in ("arkv", "quant")
-
     def update_stats(self, probs: Tensor, first: int):
-        """Running mean and variance of each slot's attention (averaged over the GQA group) over
-        about the last W decode queries: weight max(1 / (n + 1), 1 / W) (Welford, then EMA);
-        H2O adds the attention instead; StreamingLLM keeps the position."""
-        if self.config.method == "streaming":
-            return
+        """The live slots' statistics after this step's attention probs [B, Hkv, G, N + M], averaged
+        over the GQA group (`rule.update`)."""
         attention = probs.mean(dim=2)  # [B, Hkv, N + M]
         N = self.o_stats.shape[2]
         regions = [(self.o_stats, self.o_pos, attention[..., :N])]
         if self.has_quantized:  # the Quantized slots [first, M) only: those below q_first are empty
             regions.append((self.q_stats[:, :, first:], self.q_pos[..., first:], attention[..., N + first:]))
         for stats, pos, a in regions:
-            mean, variance, count = stats.unbind(-1)
-            if self.config.method == "h2o":
-                new = torch.stack([mean + a, variance, count + 1], dim=-1)
-            else:
-                weight = (1.0 / (count + 1)).clamp_min(1.0 / self.config.window)
-                delta = a - mean
-                new = torch.stack([mean + weight * delta, (1 - weight) * (variance + weight * delta**2), count + 1], dim=-1)
-            stats.copy_(torch.where((pos >= 0)[..., None], new, stats))
+            stats.copy_(torch.where((pos >= 0)[..., None], self.rule.update(stats, a, self.config), stats))
 
     def counts(self, row: int) -> tuple[int, int]:
         """(Original, Quantized) tokens held by one batch row, counted from the stored positions."""

@@ -620,7 +620,8 @@ def run(opts, argv: list[str]):
                              mode="reduce-overhead" if device.type == "cuda" else "default")
     notes: set = set()
     progress = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="eval", unit="row", file=sys.stderr)
-    pending_prompts = list(dict.fromkeys(row.prompt for row in todo))
+    # sample 0 of every task, then sample 1, ...: a grid cut short still covers every task
+    pending_prompts = sorted(dict.fromkeys(row.prompt for row in todo), key=lambda p: (p.index, opts.tasks.index(p.task)))
     with (opts.out_dir / "results.jsonl").open("a") as out:
         for first in range(0, len(pending_prompts), opts.batch_size):
             group = pending_prompts[first:first + opts.batch_size]

@@ -180,15 +180,15 @@ def ref_shares(layer_scores: list[float], method: str, policy: str, N: int, W: i
     return [r * max(fits, default=0) / (N - W) for r in relative]
 
 
-def ref_assignment(pooled: list[float], seq_len: int, method: str, window: int, c_o: int,
+def ref_assignment(pooled: list[float], means: list[float], seq_len: int, method: str, window: int, c_o: int,
                    c_q: int) -> tuple[set, set, float]:
     """Tokens 0..T-1: the window (and for streaming the sinks) first, then by pooled score (streaming:
-    by position; h2o as implemented, see the xfail test_h2o_prefill_keeps_most_accumulated_attention),
-    highest first; the first C_o Original, the next C_q Quantized. Returns the two sets and the
-    smallest relative gap (scores are positive) at a cut between ranked tokens, INF if none."""
+    by position; h2o: by accumulated attention, W times the unpooled mean), highest first; the
+    first C_o Original, the next C_q Quantized. Returns the two sets and the smallest relative gap
+    (scores are positive) at a cut between ranked tokens, INF if none."""
     T = len(pooled)
     protected = [t >= seq_len - window or (method == "streaming" and t < SINKS) for t in range(T)]
-    rank_key = [float(t) for t in range(T)] if method == "streaming" else pooled
+    rank_key = {"streaming": [float(t) for t in range(T)], "h2o": means}.get(method, pooled)
     order = sorted(range(T), key=lambda t: (not protected[t], -rank_key[t]))
     gap = INF
     for cut in (c_o, c_o + c_q):
@@ -460,13 +460,14 @@ def test_prefill_assignment_matches_reference(s):
     D = head_dim_for(config.kv_quant)
     G = s["heads"][0] // s["heads"][1]
     for layer, cache in enumerate(manager.caches):
-        _, _, pooled = ref_token_statistics(probs[layer], G, GAMMA, POOL_KERNEL)
+        means, _, pooled = ref_token_statistics(probs[layer], G, GAMMA, POOL_KERNEL)
         for b in range(s["batch"]):
             c_o, c_q = capacities(cache, b)
             assert (c_o, c_q) == ref_capacities(layer_share(manager, layer), config.kv_budget, config.window,
                                                 2 * D * 4, quantized_token_bytes(config.kv_quant, D))
             for g in range(s["heads"][1]):
-                original, quantized, gap = ref_assignment(pooled[b][g], T, config.method, config.window, c_o, c_q)
+                original, quantized, gap = ref_assignment(pooled[b][g], means[b][g], T, config.method, config.window,
+                                                          c_o, c_q)
                 assume(gap > GAP)
                 assert held(cache, b, g) == (original, quantized), f"layer {layer} row {b} head {g}"
 
@@ -492,7 +493,8 @@ def test_decode_placement_matches_reference(s):
         for b in range(s["batch"]):
             c_o, c_q = capacities(cache, b)
             for h in range(heads[1]):
-                original, quantized, gap = ref_assignment(pooled[b][h], T, config.method, config.window, c_o, c_q)
+                original, quantized, gap = ref_assignment(pooled[b][h], means[b][h], T, config.method, config.window,
+                                                          c_o, c_q)
                 assume(gap > GAP)
                 assert held(cache, b, h) == (original, quantized)
                 row = rows[layer, b, h] = ReferenceRow(config.method, config.kv_quant, config.window, c_o,
@@ -587,8 +589,6 @@ def test_planted_weakest_tokens_are_evicted(method, policy):
     assert len(original) == c_o and set(range(T - W, T)) <= original
 
 
-@pytest.mark.xfail(strict=True, reason="h2o ranks prefill tokens by ARKV's pooled mean + gamma * variance "
-                   "(selection_key), not by accumulated attention as H2O and the README define it")
 def test_h2o_prefill_keeps_most_accumulated_attention():
     """H2O keeps the keys with the most accumulated attention: key 20 (logit 1.5 for every window
     query) beats key 40 (logit 3 for one window query only: less attention in total, but a large
