@@ -294,7 +294,8 @@ def window_pending(config: ARKVConfig, q: Tensor, k: Tensor, v: Tensor, input_po
     (k, v [B, Hkv, S, D]), the candidates' positions key_pos [B, Hkv, T] (keys [B, Hkv, T, D],
     sorted by position; `order` maps them to held slots + chunk, None when they are the chunk)
     and the window statistics of the last W = min(window, S) queries of q [B, H, S, D]: token
-    scores and the layer's (entropy, variance, kurtosis) over the keys before the window."""
+    scores and the layer's (entropy, variance, kurtosis) over the keys before the window; `memo`
+    keeps the chunk's slot bytes per cache dtype and format once computed (`ARKVCache.chunk_bytes`)."""
     S, window = q.shape[2], config.window
     W, seq_len = min(window, S), int(input_pos[-1]) + 1
     probs = window_probabilities(q[:, :, S - W:], keys, input_pos[S - W:], key_pos)  # [B, Hkv, G, W, T]
@@ -302,7 +303,7 @@ def window_pending(config: ARKVConfig, q: Tensor, k: Tensor, v: Tensor, input_po
     before_window = (key_pos >= 0) & (key_pos < seq_len - window)
     stats = layer_statistics(probs, before_window) if seq_len > window else (1.0, 1.0, 1.0)
     return dict(k=k, v=v, pos=key_pos, order=order, seq_len=seq_len, mean=mean, variance=variance, score=score,
-                count=W, stats=stats)
+                count=W, stats=stats, memo={})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,9 +591,7 @@ class ARKVCache(nn.Module):
         Quantized slot (None without a Quantized region), and whether it is held Quantized already
         (it then keeps its bytes and can never become Original again).
         [B, Hkv, T, bytes_original], [B, Hkv, T, bytes_quantized], [B, Hkv, T]."""
-        chunk_kv = torch.stack([pending["k"], pending["v"]], dim=3)  # [B, Hkv, S, 2, D]
-        as_original = self.original_slot_bytes(chunk_kv)
-        as_quantized = self.quantized_slot_bytes(chunk_kv) if self.has_quantized else None
+        as_original, as_quantized = self.chunk_bytes(pending)
         order = pending["order"]
         if order is None:  # one-shot prefill: the candidates are the chunk, in order
             return as_original, as_quantized, torch.zeros_like(pending["pos"], dtype=torch.bool)
@@ -604,6 +603,17 @@ class ARKVCache(nn.Module):
             from_original = self.quantized_slot_bytes(self.original_view())  # [B, Hkv, N, bytes_quantized]
             as_quantized = gather_rows(torch.cat([from_original, self.quantized_bytes(), as_quantized], dim=2), order)
         return gather_rows(as_original, order), as_quantized, (order >= N) & (order < N + M)
+
+    def chunk_bytes(self, pending: dict) -> tuple[Tensor, Tensor | None]:
+        """The pending chunk's K/V as Original slot bytes and as Quantized slot bytes (None without a
+        Quantized region). Kept in the pending state per (dtype, format): one recorded prefill is
+        compressed by many caches (eval.py), and its tokens' bytes are the same for all of them."""
+        key = (self.dtype, self.config.kv_quant if self.has_quantized else None)
+        if key not in pending["memo"]:
+            chunk_kv = torch.stack([pending["k"], pending["v"]], dim=3)  # [B, Hkv, S, 2, D]
+            as_quantized = self.quantized_slot_bytes(chunk_kv) if self.has_quantized else None
+            pending["memo"][key] = self.original_slot_bytes(chunk_kv), as_quantized
+        return pending["memo"][key]
 
     # -- tri-state assignment after prefill --------------------------------------------------
     @torch.no_grad()
