@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import resource
 import sys
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import kernels
-from convert import model_args_problem, state_problem
+from convert import ConversionError, model_args_problem, read_json_object, state_problem
 from arkv import ARKV, ARKVConfig, ATTENTION, METHODS, OQ_POLICIES, FORMATS, PAPER_GAMMA, PAPER_TAU
 from model import ModelArgs, Transformer, full_cache
 from tokenizer import Tokenizer, load_tokenizer
@@ -95,11 +94,9 @@ def read_model_args(path: Path) -> ModelArgs:
     """`model_args.json` -> ModelArgs, every defect (not JSON, not an object, missing or unknown
     fields, a size that is not a positive integer) as one CheckpointError naming the file."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the model_args.json convert.py writes") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: a JSON {type(raw).__name__}; expected an object of ModelArgs fields")
+        raw = read_json_object(path, "an object of ModelArgs fields, as convert.py writes it")
+    except ConversionError as err:
+        raise CheckpointError(str(err)) from None
     fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
     missing = [name for name, f in fields.items() if name not in raw and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

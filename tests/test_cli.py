@@ -245,7 +245,7 @@ def test_model_args_disagree(changes, expected, tiny_copy, capsys):
 
 @pytest.mark.parametrize("name, text, expected", [
     ("model_args.json", "{\"dim\": 32,", "model_args.json: not valid JSON (Expecting"),
-    ("model_args.json", "[1, 2]", "model_args.json: a JSON list; expected an object of ModelArgs fields"),
+    ("model_args.json", "[1, 2]", "model_args.json: a JSON list; expected an object of ModelArgs fields, as convert.py writes it"),
     ("model_args.json", "", "model_args.json: not valid JSON"),
     ("tokenizer.json", "{\"vocab\": 1}", "tokenizer.json / tokenizer_config.json do not have the layout"),
     ("tokenizer.json", "{not json", "tokenizer.json: not valid JSON"),
@@ -523,4 +523,4 @@ def test_notes_wait_until_the_checks_pass(tiny_copy, capsys):
     """A run that fails prints its error alone, not the notes and warnings gathered before it."""
     (tiny_copy / "model_args.json").write_text("[]")
     err = run_main(generate.main, ["--checkpoint", str(tiny_copy), "--seed", "1", "--kv-budget", "64", *PROMPT5], capsys)
-    assert err == f"generate.py: {tiny_copy / 'model_args.json'}: a JSON list; expected an object of ModelArgs fields"
+    assert err == f"generate.py: {tiny_copy / 'model_args.json'}: a JSON list; expected an object of ModelArgs fields, as convert.py writes it (a JSON object)"
