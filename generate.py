@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import kernels
+import tp
 from convert import ConversionError, model_args_problem, read_json_object, state_problem
 from arkv import ARKV, ARKVConfig, ATTENTION, METHODS, OQ_POLICIES, FORMATS, PAPER_GAMMA, PAPER_TAU
 from model import ModelArgs, Transformer, full_cache
@@ -161,15 +162,21 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, tempe
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, eos_ids: list[int] = (),
              temperature: float = 0.0, top_k: int | None = None, prefill_step: Callable = prefill,
              decode_step: Callable = decode_one_token, on_token: Callable[[int], None] | None = None,
-             after_prefill: Callable[[], None] | None = None, prefill_chunk: int | None = None) -> tuple[list[int], dict]:
+             after_prefill: Callable[[], None] | None = None, prefill_chunk: int | None = None,
+             question_start: int | None = None) -> tuple[list[int], dict]:
     """Prefill `prompt` [1, S], then decode up to `max_new_tokens` tokens, stopping at an EOS id.
 
     The caches must be set up. With `prefill_chunk`, the prompt goes in as chunks of that many
-    tokens. `after_prefill` runs once the prompt, or each chunk of it, is in the caches (ARKV
-    compresses there, so a chunked prefill never holds more than budget + chunk tokens).
+    tokens; with `question_start`, the tokens from there on go in as a chunk of their own (a
+    question that arrives after its document is compressed). `after_prefill` runs once the prompt,
+    or each chunk of it, is in the caches (ARKV compresses there, so a chunked prefill never holds
+    more than budget + chunk tokens).
     Returns the new token ids and timings (seconds)."""
     start = time.perf_counter()
-    for begin, end in chunk_bounds(prompt.shape[1], prefill_chunk):
+    bounds = chunk_bounds(prompt.shape[1], prefill_chunk)
+    if question_start is not None:
+        bounds = chunk_bounds(question_start, prefill_chunk) + [(question_start, prompt.shape[1])]
+    for begin, end in bounds:
         token = prefill_step(model, prompt[:, begin:end], torch.arange(begin, end, device=prompt.device), temperature, top_k)
         if after_prefill:
             after_prefill()
@@ -191,6 +198,17 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, eos_ids: l
     times["decode"] = sum(step_times[1:])  # the first step may include compilation
     times["decode_tokens"] = max(len(step_times) - 1, 0)
     return tokens, times
+
+
+def prompt_parts(tokenizer: Tokenizer, document: str, question: str, chat: bool, system: str | None) -> tuple[list[int], int]:
+    """Ids of a document followed by a question (one chat turn with --chat), and where the question's
+    ids begin (the chat template's tail, e.g. the assistant header, goes with the question)."""
+    text = f"{document.rstrip()}\n\n{question.strip()}"
+    rendered = tokenizer.render_chat(text, system) if chat else text
+    cut = rendered.rindex(question.strip())
+    head = [tokenizer.bos_id] if tokenizer.add_bos and not chat else []
+    head += tokenizer.encode(rendered[:cut])
+    return head + tokenizer.encode(rendered[cut:]), len(head)
 
 
 def chunk_bounds(length: int, chunk: int | None) -> list[tuple[int, int]]:
@@ -247,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, help="converted checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="Once upon a time", help="prompt text")
-    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt (or, with --question, the document) from this file")
+    parser.add_argument("--question", help="a question about the prompt (a document): it follows the document in the "
+                        "same turn; with --query-mode agnostic it arrives after the document is compressed")
+    parser.add_argument("--query-mode", choices=["aware", "agnostic"], default=None,
+                        help="aware (default): prefill document + question, then compress; agnostic: prefill and "
+                             "compress the document, then the question (how a cached document is reused)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--system", help="system message (needs --chat)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200)
@@ -366,6 +389,12 @@ def check_flags(opts: argparse.Namespace):
             raise CheckpointError(f"{flag[name]} has no effect with --method {method}; drop it")
     if opts.system is not None and not opts.chat:
         raise CheckpointError("--system has no effect without --chat (it is the chat's system message); add --chat or drop it")
+    if opts.query_mode is not None and opts.question is None:
+        raise CheckpointError(f"--query-mode {opts.query_mode} has no effect without --question (the part that follows "
+                              "the document); add --question or drop it")
+    if opts.query_mode == "agnostic" and method == "full":
+        raise CheckpointError("--query-mode agnostic has no effect with the full cache (nothing is compressed before "
+                              "the question); add --kv-budget or drop it")
     if opts.top_k is not None and opts.temperature == 0:
         raise CheckpointError(f"--top-k {opts.top_k} has no effect with greedy decoding (--temperature 0); "
                               "give --temperature > 0 or drop --top-k")
@@ -473,6 +502,7 @@ def check_memory(need: int, what: str, device: torch.device, advice: str):
 
 
 def main(argv: list[str] | None = None):
+    tp.quiet_unless_rank_zero()  # under torchrun only rank 0 prints
     opts = build_parser().parse_args(argv)
     try:
         check_flags(opts)
@@ -486,12 +516,12 @@ def main(argv: list[str] | None = None):
 
 
 def run(opts: argparse.Namespace):
-    device = resolve_device(opts.device)
+    device = tp.rank_device(resolve_device(opts.device))
     dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     kv_dtype = dtype if opts.kv_dtype == "auto" else DTYPES[opts.kv_dtype]
     torch.manual_seed(opts.seed)
     checkpoint = opts.checkpoint or default_checkpoint()
-    model = load_model(checkpoint, device, dtype)
+    model = tp.shard(load_model(checkpoint, device, dtype))  # under torchrun: this rank's heads (tp.py)
     tokenizer = read_tokenizer(checkpoint)
     if opts.prompt_file is not None:
         try:
@@ -500,9 +530,17 @@ def run(opts: argparse.Namespace):
             raise CheckpointError(f"--prompt-file {opts.prompt_file}: {err}") from None
     else:
         text = opts.prompt
-    ids = tokenizer.prompt_ids(text, chat=opts.chat, system=opts.system)
+    question_start = None
+    if opts.question is not None:
+        if not opts.question.strip() or not text.strip():
+            raise CheckpointError("--question: expected a non-empty question and a non-empty document (--prompt or --prompt-file)")
+        ids, question_start = prompt_parts(tokenizer, text, opts.question, opts.chat, opts.system)
+    else:
+        ids = tokenizer.prompt_ids(text, chat=opts.chat, system=opts.system)
     if not ids:
         raise CheckpointError("the prompt is empty")
+    if opts.query_mode == "agnostic" and len(ids) - question_start < 2:
+        raise CheckpointError("--query-mode agnostic: the question is under 2 tokens; a one-token chunk would be a decode step")
     check_token_ids(ids, model.args, checkpoint)
     context = model.args.max_seq_len
     if len(ids) >= context:
@@ -523,7 +561,7 @@ def run(opts: argparse.Namespace):
         config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=window, sinks=sinks,
                             kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau),
                             attention=resolve_attention(opts.attention, device))
-        manager = ARKV(config, model.args, kv_dtype)
+        manager = ARKV(config, model.args, kv_dtype, reduce=tp.all_reduce_sum)
     # -- the KV cache must fit in memory: checked before anything is allocated (issue 12)
     if manager:
         prefill_tokens = min(len(ids), opts.prefill_chunk + 1) if opts.prefill_chunk else len(ids)
@@ -544,7 +582,7 @@ def run(opts: argparse.Namespace):
     prompt = torch.tensor([ids], device=device)
     tokens, times = generate(model, prompt, max_new_tokens, tokenizer.eos_ids, opts.temperature, opts.top_k,
                              prefill_step, decode_step, stream_printer(tokenizer), manager and manager.compress,
-                             opts.prefill_chunk)
+                             opts.prefill_chunk, question_start if opts.query_mode == "agnostic" else None)
     print()
     rate = times["decode_tokens"] / times["decode"] if times["decode"] > 0 else float("nan")
     print(f"prompt: {len(ids)} tokens, generated: {len(tokens)} tokens", file=sys.stderr)
@@ -553,9 +591,10 @@ def run(opts: argparse.Namespace):
     print(f"decode: {rate:.2f} tokens/s over {times['decode_tokens']} steps (the first step excluded)"
           if times["decode_tokens"] else "decode: too few steps to time (the first step excluded)", file=sys.stderr)
     print(peak_memory_line(device), file=sys.stderr)
-    print(f"KV cache: {model.cache_nbytes() / 2**20:.2f} MiB allocated", file=sys.stderr)
+    rank_bytes = tp.gather(model.cache_nbytes())
+    print(f"KV cache: {sum(rank_bytes) / 2**20:.2f} MiB allocated{tp.rank_bytes_text(rank_bytes)}", file=sys.stderr)
     if manager:
-        print_kv_report(manager.report(len(ids) + len(tokens) - 1), method)
+        print_kv_report(tp.sum_report(manager.report(len(ids) + len(tokens) - 1)), method)
 
 
 def print_kv_report(report: dict, method: str):

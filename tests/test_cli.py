@@ -384,6 +384,8 @@ def test_convert_not_a_gguf(tmp_path, capsys):
     (["--kv-budget", "64", "--method", "streaming", "--gamma", "2"], "--gamma has no effect with --method streaming"),
     (["--system", "Be brief."], "--system has no effect without --chat"),
     (["--top-k", "5"], "--top-k 5 has no effect with greedy decoding (--temperature 0)"),
+    (["--query-mode", "aware"], "--query-mode aware has no effect without --question"),
+    (["--question", "Why?", "--query-mode", "agnostic"], "--query-mode agnostic has no effect with the full cache"),
 ])
 def test_flags_without_effect(argv, expected, tmp_path, capsys):
     """Checked before any checkpoint is read (a missing one here: without the check the run fails on that)."""
@@ -524,3 +526,46 @@ def test_notes_wait_until_the_checks_pass(tiny_copy, capsys):
     (tiny_copy / "model_args.json").write_text("[]")
     err = run_main(generate.main, ["--checkpoint", str(tiny_copy), "--seed", "1", "--kv-budget", "64", *PROMPT5], capsys)
     assert err == f"generate.py: {tiny_copy / 'model_args.json'}: a JSON list; expected an object of ModelArgs fields, as convert.py writes it (a JSON object)"
+
+
+def test_question_follows_the_document_in_one_turn(tiny, smollm2_checkpoint):
+    """--question: the ids spell the document and question as one message (BOS or chat template included), cut
+    where the question begins."""
+    from tokenizer import load_tokenizer
+
+    for checkpoint, chat in ((tiny, False), (smollm2_checkpoint, False), (smollm2_checkpoint, True)):
+        tokenizer = load_tokenizer(checkpoint)
+        ids, start = generate.prompt_parts(tokenizer, "A long document.\n", "  What is it?", chat, None)
+        whole = tokenizer.prompt_ids("A long document.\n\nWhat is it?", chat=chat)  # tokens may differ at the cut
+        assert tokenizer.decode(ids) == tokenizer.decode(whole) and ids[:1] == whole[:1]
+        assert tokenizer.decode(ids[start:]).startswith("What is it?") and tokenizer.decode(ids[:start]).endswith("\n\n")
+
+
+def test_query_agnostic_generation_compresses_the_document_first(tiny, capsys, monkeypatch):
+    """--query-mode agnostic compresses once the document is in (at the question's first position) and again
+    after the question; aware compresses once, after both. With a budget that holds everything, agnostic gives the
+    full cache's text."""
+    document = "The code word is plum. " * 8
+    argv = ["--checkpoint", str(tiny), "--prompt", document, "--question", "What is the code word?",
+            "--max-new-tokens", "6"]
+    generate.main(argv)
+    full = capsys.readouterr().out
+    generate.main([*argv, "--kv-budget", "400", "--window", "4", "--query-mode", "agnostic"])
+    assert capsys.readouterr().out == full
+    real, seen = generate.generate, []
+
+    def recording(model, prompt, *args):
+        compress = args[7]  # after_prefill
+
+        def compress_and_record():
+            seen.append(model.layers[0].attention.kv_cache.pending["seq_len"])  # tokens in when compressing
+            compress()
+
+        return real(model, prompt, *args[:7], compress_and_record, *args[8:])
+
+    monkeypatch.setattr(generate, "generate", recording)
+    ids, start = generate.prompt_parts(generate.load_tokenizer(tiny), document, "What is the code word?", False, None)
+    for mode, expected in (("aware", [len(ids)]), ("agnostic", [start, len(ids)])):
+        seen.clear()
+        generate.main([*argv, "--kv-budget", "24", "--window", "4", "--query-mode", mode])
+        assert seen == expected, mode
