@@ -3,7 +3,8 @@
 Method: Lei & Ilager, "ARKV", arXiv 2603.08727 (2026). Where each of its steps lives, in file order:
 
 1. Per-layer Original share from the prefill statistics: `window_probabilities` (attention of the
-   last W queries), `layer_statistics` (entropy H, variance V, kurtosis K), `oq_score`
+   last W queries), `layer_statistics` (entropy H, variance V, kurtosis K; kept as the sums and counts
+   of `layer_moments`, which tensor-parallel ranks add up: `ARKV.reduce`), `oq_score`
    (q_l = H^(1/tau1) V^(1/tau2) K^(1/tau3)), `ARKVRule.original_shares` (rho_l = q_l / max_j q_j),
    `SlotGeometry.capacities` (rho_l as Original and Quantized slots of the layer's bytes).
 2. Token importance: `token_statistics` (mean + gamma * variance over the window queries, pooled,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -259,15 +261,29 @@ def layer_statistics(probs: Tensor, before_window: Tensor) -> tuple[float, float
     the window (`before_window` [B, Hkv, T], paper section 3.1). Means replace sums: that rescales
     every layer alike. Kurtosis is mean(z^4) with z the key's standardised attention, which stays
     within float32 range where fourth powers of raw probabilities would not."""
+    return statistic_means(layer_moments(probs, before_window))
+
+
+def layer_moments(probs: Tensor, before_window: Tensor) -> tuple[float, ...]:
+    """What `layer_statistics` averages, as (sum, count) pairs: (sum H, rows, sum V, keys, sum K,
+    live keys). Sums over batch rows and KV heads add up across processes that hold different
+    heads (tensor parallelism, `ARKV.reduce`), where means would not; float64, so that the order
+    of the additions does not show."""
     prefix = probs * before_window[:, :, None, None]  # [B, Hkv, G, W, T], other keys 0
     rows = prefix / prefix.sum(-1, keepdim=True).clamp_min(1e-30)
-    entropy = -(rows * rows.clamp_min(1e-30).log()).sum(-1).mean()
+    entropy = -(rows * rows.clamp_min(1e-30).log()).sum(-1)  # [B, Hkv, G, W]
     variance = prefix.var(dim=-2, unbiased=False)  # [B, Hkv, G, T]: across the window queries, per key
     live = variance > 0  # keys no window query attends to have no kurtosis
     z = (prefix - prefix.mean(dim=-2, keepdim=True)) / variance.sqrt().clamp_min(1e-30)[..., None, :]
-    kurtosis = torch.where(live, (z**4).mean(dim=-2), 0.0).sum() / live.sum().clamp_min(1)
-    keys = before_window[:, :, None].expand_as(variance).sum().clamp_min(1)
-    return entropy.item(), (variance.sum() / keys).item(), kurtosis.item()
+    kurtosis = torch.where(live, (z**4).mean(dim=-2), 0.0)  # [B, Hkv, G, T]
+    keys = before_window[:, :, None].expand_as(variance)
+    return (entropy.sum(dtype=torch.float64).item(), entropy.numel(), variance.sum(dtype=torch.float64).item(),
+            int(keys.sum()), kurtosis.sum(dtype=torch.float64).item(), int(live.sum()))
+
+
+def statistic_means(moments) -> tuple[float, float, float]:
+    """(sum, count) pairs of `layer_moments` -> means (H, V, K); a count of 0 reads as 1."""
+    return tuple(total / max(count, 1) for total, count in zip(moments[0::2], moments[1::2]))
 
 
 def oq_score(stats: tuple[float, float, float], tau: tuple[float, float, float]) -> float:
@@ -294,14 +310,15 @@ def window_pending(config: ARKVConfig, q: Tensor, k: Tensor, v: Tensor, input_po
     (k, v [B, Hkv, S, D]), the candidates' positions key_pos [B, Hkv, T] (keys [B, Hkv, T, D],
     sorted by position; `order` maps them to held slots + chunk, None when they are the chunk)
     and the window statistics of the last W = min(window, S) queries of q [B, H, S, D]: token
-    scores and the layer's (entropy, variance, kurtosis) over the keys before the window; `memo`
-    keeps the chunk's slot bytes per cache dtype and format once computed (`ARKVCache.chunk_bytes`)."""
+    scores and the layer's entropy, variance, kurtosis over the keys before the window (as sums
+    and counts, `layer_moments`); `memo` keeps the chunk's slot bytes per cache dtype and format
+    once computed (`ARKVCache.chunk_bytes`)."""
     S, window = q.shape[2], config.window
     W, seq_len = min(window, S), int(input_pos[-1]) + 1
     probs = window_probabilities(q[:, :, S - W:], keys, input_pos[S - W:], key_pos)  # [B, Hkv, G, W, T]
     mean, variance, score = token_statistics(probs, config.gamma, config.pool_kernel)
     before_window = (key_pos >= 0) & (key_pos < seq_len - window)
-    stats = layer_statistics(probs, before_window) if seq_len > window else (1.0, 1.0, 1.0)
+    stats = layer_moments(probs, before_window) if seq_len > window else (1.0, 1, 1.0, 1, 1.0, 1)
     return dict(k=k, v=v, pos=key_pos, order=order, seq_len=seq_len, mean=mean, variance=variance, score=score,
                 count=W, stats=stats, memo={})
 
@@ -839,9 +856,13 @@ torch._dynamo.config.capture_scalar_outputs = True
 class ARKV:
     """`setup_caches(..., cache_factory=arkv.cache_factory)`, prefill, then `compress()`."""
 
-    def __init__(self, config: ARKVConfig, args: ModelArgs, dtype: torch.dtype):
-        """`dtype`: the dtype Original K/V are stored in (the model's, or `--kv-dtype`)."""
+    def __init__(self, config: ARKVConfig, args: ModelArgs, dtype: torch.dtype,
+                 reduce: Callable[[Tensor], Tensor] | None = None):
+        """`dtype`: the dtype Original K/V are stored in (the model's, or `--kv-dtype`). `reduce`: the
+        layers' statistic sums and counts [L, 6] (`layer_moments`) summed over the processes that hold
+        the other KV heads (tensor parallelism: `tp.all_reduce_sum`); by default this one holds them all."""
         self.config, self.args, self.dtype = config, args, dtype
+        self.reduce = reduce or (lambda moments: moments)
         fmt = FORMATS[config.kv_quant]
         if args.head_dim % (2 * Int4.group if config.kv_quant == "int4" else 2):
             raise ValueError(f"--kv-quant {config.kv_quant}: head_dim {args.head_dim} is not supported")
@@ -864,7 +885,8 @@ class ARKV:
     def compress(self):
         """Per-layer Original share from the prefill statistics, then the tri-state assignment.
         A budget that holds the whole sequence keeps everything Original (output equals `full`)."""
-        scores = [oq_score(cache.pending["stats"], self.config.tau) for cache in self.caches]
+        moments = self.reduce(torch.tensor([cache.pending["stats"] for cache in self.caches], dtype=torch.float64))  # [L, 6]
+        scores = [oq_score(statistic_means(m), self.config.tau) for m in moments.tolist()]
         if self.config.kv_budget >= self.max_seq_len:
             self.shares = [1.0] * len(scores)
         else:
