@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of Original and full-cache K/V (auto: the compute dtype); budgets are its bytes")
     parser.add_argument("--out-dir", type=Path, default=Path("eval_out"))
     parser.add_argument("--resume", action="store_true", help="keep --out-dir's results.jsonl and skip its rows")
+    parser.add_argument("--summarize", action="store_true",
+                        help="with --resume: run nothing, write table.md and summary.json from the rows already there "
+                             "(a grid cut short)")
     parser.add_argument("--no-plot", action="store_true", help="skip plot.png (then matplotlib is not needed)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile the decode step (default; about 10x faster decoding on the CPU after 20-40 s of "
@@ -518,6 +521,8 @@ def main(argv: list[str] | None = None):
         parser.error("--tasks longbench:<dataset> needs --longbench-dir")
     if "gsm8k" in opts.tasks and opts.gsm8k_file is None:
         parser.error("--tasks gsm8k needs --gsm8k-file")
+    if opts.summarize and not opts.resume:
+        parser.error("--summarize reads an existing run: it needs --resume")
     if not opts.no_plot:
         try:
             import matplotlib  # noqa: F401
@@ -611,6 +616,8 @@ def run(opts, argv: list[str]):
     done = open_results(opts, settings)
     rows = [Row(p, mode, m, b) for p in prompts for mode in opts.query_modes for m in methods
             for b in ([None] if m.method == "full" else budgets)]
+    if opts.summarize:
+        rows = [row for row in rows if row.key in done]
     todo = [row for row in rows if row.key not in done]
     step = decode_one_token
     if opts.compile:

@@ -224,6 +224,10 @@ def test_batch_of_8_equals_batch_of_1_and_a_killed_run_resumes_to_the_same_rows(
     assert run_rows(smollm2_checkpoint, tmp_path / "killed", "--limit", "2", "--batch-size", "4", "--resume") == one
     monkeypatch.setattr(ev, "record_prefill", None)  # a finished grid prefills nothing
     assert run_rows(smollm2_checkpoint, tmp_path / "killed", "--limit", "2", "--batch-size", "4", "--resume") == one
+    (tmp_path / "killed" / "results.jsonl").write_text("\n".join(partial) + "\n")  # a grid cut short
+    run_rows(smollm2_checkpoint, tmp_path / "killed", "--limit", "2", "--batch-size", "4", "--resume", "--summarize")
+    summarized = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summarized["rows_run"] == 0 and sum(g["n"] for g in summarized["groups"]) == len(partial)
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     group = next(g for g in summary["groups"] if g["method"] == "full" and g["mode"] == "aware"
                  and g["task"] == "niah_multivalue")
