@@ -48,3 +48,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def random_model(args, std: dict | None = None, seed: int = 0):
+    """A random model.py Transformer: norm weights 1 + 0.1 N(0, 1) (so a wrong norm shows), every other weight
+    N(0, std[name] or 0.2) (peaked, non-trivial attention)."""
+    from model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                torch.nn.init.normal_(p, std=(std or {}).get(name, 0.2))
+    return model.eval()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import arkv
 from arkv import ARKV, ARKVConfig, FORMATS, METHODS, OQ_POLICIES
+from conftest import random_model
 from model import ModelArgs, Transformer, full_cache
 
 # The arena holds bytes of several types; tests 2 and 6 check that writing one region never alters
@@ -205,15 +206,7 @@ def test_int4_round_trip_exact_on_representable_values(data):
 def tiny_model(n_head: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
     args = ModelArgs(dim=64, n_layer=2, n_head=n_head, n_kv_heads=n_kv_heads, head_dim=head_dim,
                      intermediate_size=96, vocab_size=128, max_seq_len=512)
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                torch.nn.init.normal_(p, std=0.2)  # peaked, non-trivial attention
-    return model.to(dtype).eval()
+    return random_model(args, seed=seed).to(dtype)
 
 
 def run_full(model: Transformer, prompt: torch.Tensor, new_tokens: torch.Tensor) -> tuple[list[torch.Tensor], Transformer]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from arkv import ARKV, ARKVConfig
+from conftest import random_model
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,15 +71,7 @@ def tiny_model(max_seq_len: int) -> Transformer:
     (about 0.5 and 1: layer 0 holds Original and Quantized tokens)."""
     args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, head_dim=HEAD_DIM, intermediate_size=96,
                      vocab_size=VOCAB, max_seq_len=max_seq_len)
-    torch.manual_seed(0)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                torch.nn.init.normal_(p, std=ATTENTION_STD.get(name, 0.2))
-    return model.eval()
+    return random_model(args, ATTENTION_STD)
 
 
 def quantization_error_bound(kv_quant: str, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import generate
 import tp
 from arkv import ARKV, ARKVConfig
+from conftest import random_model
 from model import ModelArgs, Transformer, full_cache
 from test_cli import run_main, write_tiny_checkpoint
 
@@ -38,15 +39,7 @@ def tiny_model(fields: dict) -> Transformer:
     """A random 3-layer model, the same in every process (fixed seed), with peaked attention."""
     args = ModelArgs(**{**dict(dim=64, n_layer=3, head_dim=64, intermediate_size=96, vocab_size=128,
                                max_seq_len=128), **fields})
-    torch.manual_seed(0)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                torch.nn.init.normal_(p, std=0.2)
-    return model.eval()
+    return random_model(args)
 
 
 @torch.no_grad()
