@@ -814,26 +814,47 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P], meta [B, Hkv, M, 2, m];
     original_pos [B, Hkv, N], quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities
     [B, Hkv, G, N + M] (float32); original_slots and quantized_first [B] per row. Of the Quantized
-    view it reads only the slots that can be live in some row, [min q_first, M), so its cost follows the budget's bytes, not the arena's M slots; the others get
-    probability 0. q_first is read from its tensor as a size that the compiler keeps symbolic: one
-    graph serves every split. The range spans at least 2 slots (extra ones are dead, hence
-    masked): the compiler's matmul needs a size it can prove is not 1. The Original view is read
-    whole (N slots, dead ones masked); `original_slots` is there for the kernel's signature."""
+    view it reads only the slots that can be live in some row, [min q_first, M), so its cost
+    follows the budget's bytes, not the arena's M slots; the others get probability 0. q_first is
+    read from its tensor as a size that the compiler keeps symbolic: one graph serves every split.
+    The range spans at least 2 slots (extra ones are dead, hence masked): the compiler's matmul
+    needs a size it can prove is not 1. Keys and values are dequantized separately, each read by
+    one product (`scores_against`, `weighted_sum`), so that compiled, no dequantized copy of the
+    Quantized region is written. The Original view is read whole (N slots, dead ones masked);
+    `original_slots` is there for the kernel's signature."""
     B, H, _, D = q.shape
     n_kv_heads, N, M = kv_original.shape[1], kv_original.shape[2], payload.shape[2]
     G = H // n_kv_heads
     first = 0 if quantized_first is None or M < 2 else slot_bound(quantized_first.min(), M - 2)
-    kv_q = FORMATS[kv_quant].dequantize(payload[:, :, first:], meta[:, :, first:])  # [B, Hkv, M - q_first, 2, D]
+    fmt = FORMATS[kv_quant]
+    k_q, v_q = (fmt.dequantize(payload[:, :, first:, i], meta[:, :, first:, i]) for i in (0, 1))  # [B, Hkv, M - first, D]
     pos = torch.cat([original_pos, quantized_pos[..., first:]], dim=-1)  # [B, Hkv, T]
-    kv_o = kv_original.float()  # [B, Hkv, N, 2, D]
     qg = q.view(B, n_kv_heads, G, D).float()  # [B, Hkv, G, D]
-    scores = torch.cat([qg @ kv[:, :, :, 0].transpose(-1, -2) for kv in (kv_o, kv_q)], dim=-1)  # [B, Hkv, G, T]
+    scores = torch.cat([scores_against(qg, k) for k in (kv_original[:, :, :, 0], k_q)], dim=-1)  # [B, Hkv, G, T]
     probs = torch.softmax(scores.mul(D**-0.5).masked_fill(pos[:, :, None] < 0, -torch.inf), dim=-1)
     y = 0
-    for kv, p, live in ((kv_o, probs[..., :N], original_pos >= 0), (kv_q, probs[..., N:], pos[..., N:] >= 0)):
-        y = y + p @ torch.where(live[..., None], kv[:, :, :, 1], 0.0)  # garbage bytes of dead slots -> 0
+    for v, p, live in ((kv_original[:, :, :, 1], probs[..., :N], original_pos >= 0),
+                       (v_q, probs[..., N:], pos[..., N:] >= 0)):
+        y = y + weighted_sum(p, torch.where(live[..., None], v.float(), 0.0))  # garbage bytes of dead slots -> 0
     probs = torch.cat([probs[..., :N], probs.new_zeros(B, n_kv_heads, G, first), probs[..., N:]], dim=-1)  # [B, Hkv, G, N + M]
     return y.to(q.dtype).view(B, H, 1, D), probs
+
+
+def scores_against(q: Tensor, keys: Tensor) -> Tensor:
+    """q [B, Hkv, G, D] . keys [B, Hkv, T, D] -> [B, Hkv, G, T]. Compiled: a product summed over D,
+    which the compiler fuses with the keys' dequantization (a matmul reads a dequantized float
+    copy, written first: 2-3x slower on the CPU at 4k tokens, batch 8). Eager: a matmul (the
+    product would be G times the keys' size)."""
+    if torch.compiler.is_compiling():
+        return (q[:, :, :, None, :] * keys[:, :, None].float()).sum(-1)  # [B, Hkv, G, T, D] summed over D
+    return q @ keys.float().transpose(-1, -2)
+
+
+def weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
+    """probs [B, Hkv, G, T] . values [B, Hkv, T, D] -> [B, Hkv, G, D], fused as `scores_against`."""
+    if torch.compiler.is_compiling():
+        return (probs[..., None] * values[:, :, None]).sum(-2)  # [B, Hkv, G, T, D] summed over T
+    return probs @ values
 
 
 def slot_bound(bound: Tensor, high: int) -> int:
