@@ -333,8 +333,11 @@ def window_pending(config: ARKVConfig, q: Tensor, k: Tensor, v: Tensor, input_po
 class ARKVRule:
     """ARKV (Lei & Ilager 2026, arXiv 2603.08727, section 3): tri-state, with each layer's Original
     share from its prefill statistics and tokens ranked by heavy-hitter score (mean + gamma *
-    variance of their attention). Original, Quantized and Evicted tokens all compete by that score."""
+    variance of their attention). Original, Quantized and Evicted tokens all compete by that score.
+    `decodes_as`: the rules whose decode steps are the same computation share it (evict and quant
+    differ from ARKV only in their Original shares), so their rows can decode in one batch."""
     quantizes = True
+    decodes_as = "arkv"
 
     def original_shares(self, layer_scores: list[float], config: ARKVConfig, seq_len: int,
                         slots: SlotGeometry) -> list[float]:
@@ -403,6 +406,7 @@ class QuantRule(ARKVRule):
 class StreamingRule(EvictRule):
     """StreamingLLM (Xiao et al. 2023): the first `sinks` tokens (attention sinks) and the most
     recent ones, Original only. The score is the position, +inf for a sink; attention is never read."""
+    decodes_as = "streaming"
 
     def recency(self, positions: Tensor, config: ARKVConfig) -> Tensor:
         """The position as a float score, +inf below `sinks`: same shape as positions."""
@@ -430,6 +434,7 @@ class H2ORule(EvictRule):
     """H2O (Zhang et al. 2023): heavy hitters by accumulated attention, Original only. A token's
     score is the sum of the attention it has received (GQA-averaged): at prefill from the W window
     queries, sum_w a_wt = W mean_w a_wt (no pooling, no variance), then from every decode query."""
+    decodes_as = "h2o"
 
     def prefill_key(self, pending: dict, config: ARKVConfig) -> Tensor:
         return pending["mean"] * pending["count"]  # [B, Hkv, T]
@@ -450,6 +455,13 @@ class H2ORule(EvictRule):
 
 RULES = {"arkv": ARKVRule(), "evict": EvictRule(), "quant": QuantRule(), "streaming": StreamingRule(),
          "h2o": H2ORule()}
+
+
+def decode_family(config: ARKVConfig) -> tuple:
+    """What a decode step depends on besides the cache state: rows with equal families can share
+    one batch (`ARKV.stack`) and one compiled step."""
+    return (RULES[config.method].decodes_as, config.kv_quant, config.window, config.gamma, config.sinks,
+            config.attention)
 
 
 def original_shares(scores: list[float], config: ARKVConfig, seq_len: int, slots: SlotGeometry) -> list[float]:
@@ -768,14 +780,13 @@ class ARKVCache(nn.Module):
         return self.arena.nbytes
 
     @classmethod
-    def stack(cls, rows: list["ARKVCache"], kv_budget: int) -> "ARKVCache":
-        """One batched cache whose row b holds rows[b]: one-row caches of one method, compressed,
-        with budgets up to `kv_budget`. Every row's decisions stay what they were alone: Original
-        slots keep their indices, the Quantized region keeps its order at the end of the larger
-        arena (slot j -> j + M - M_b), and each row keeps its capacities (o_capacity, q_first)."""
+    def stack(cls, rows: list["ARKVCache"], config: ARKVConfig) -> "ARKVCache":
+        """One batched cache under `config` whose row b holds rows[b]: one-row caches compressed
+        with budgets up to `config.kv_budget`. Every row's decisions stay what they were alone:
+        Original slots keep their indices, the Quantized region keeps its order at the end of the
+        larger arena (slot j -> j + M - M_b), and each row keeps its capacities (o_capacity, q_first)."""
         base = rows[0]
-        slots = SlotGeometry(kv_budget, base.slots.window, base.slots.bytes_original, base.slots.bytes_quantized)
-        config = ARKVConfig(**{**vars(base.config), "kv_budget": kv_budget})
+        slots = SlotGeometry(config.kv_budget, base.slots.window, base.slots.bytes_original, base.slots.bytes_quantized)
         cache = cls(config, slots, len(rows), base.arena.shape[1], base.head_dim, base.dtype).to(base.arena.device)
         M, size_o, size_q = slots.quantized_slots, slots.bytes_original, slots.bytes_quantized
         for b, row in enumerate(rows):
@@ -932,12 +943,20 @@ class ARKV:
 
     @classmethod
     def stack(cls, managers: list["ARKV"], kv_budget: int) -> "ARKV":
-        """One manager whose caches hold the compressed one-row caches of `managers` (one method,
-        budgets up to `kv_budget`) as batch rows (`ARKVCache.stack`), for decoding them together.
-        Each row reports the bytes its own caches allocated."""
+        """One manager whose caches hold the compressed one-row caches of `managers` (methods that
+        decode alike, `decode_family`; budgets up to `kv_budget`) as batch rows (`ARKVCache.stack`),
+        for decoding them together. Each row reports the bytes its own caches allocated. Rows of
+        different methods decode with the family's rule: an eviction-only row is one whose
+        Quantized region is empty (q_first = M), so no token is ever demoted into it."""
         base = managers[0]
-        stacked = cls(ARKVConfig(**{**vars(base.config), "kv_budget": kv_budget}), base.args, base.dtype)
-        stacked.caches = [ARKVCache.stack(list(layer), kv_budget) for layer in zip(*(m.caches for m in managers))]
+        families = {decode_family(m.config) for m in managers}
+        if len(families) > 1:
+            raise ValueError(f"rows of methods that decode differently cannot share a batch: {sorted(families)}")
+        methods = {m.config.method for m in managers}
+        method = methods.pop() if len(methods) == 1 else RULES[base.config.method].decodes_as
+        config = ARKVConfig(**{**vars(base.config), "kv_budget": kv_budget, "method": method})
+        stacked = cls(config, base.args, base.dtype)
+        stacked.caches = [ARKVCache.stack(list(layer), config) for layer in zip(*(m.caches for m in managers))]
         stacked.row_bytes = [sum(cache.nbytes() for cache in m.caches) for m in managers]
         stacked.max_seq_len = max(m.max_seq_len for m in managers)
         return stacked

@@ -28,8 +28,9 @@ Query modes (the same prompt ids, context then question, in both):
 Each sample is prefilled once for both modes: causal attention makes the context's keys, values and queries the
 same whether the question follows or not, so the agnostic statistics come from the window ending with the context.
 
-Decoding is greedy and batched: the rows of one method (samples x modes x budgets) decode --batch-size at a time,
-each row at its own positions with its own cache state, exactly as it would alone. A row stops at EOS, at the
+Decoding is greedy and batched: the rows of one budget and of methods that decode alike (arkv, quant and evict of
+one format; see arkv.decode_family) decode --batch-size at a time, each row at its own positions with its own cache
+state and method, exactly as it would alone. A row stops at EOS, at the
 task's own answer length (or --max-new-tokens), or, for one-line answers, at the end of the answer line.
 
 Writes to --out-dir: results.jsonl (a row per sample x mode x method x budget, appended as each batch finishes;
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token, window_pending
+from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token, decode_family, window_pending
 from generate import (DTYPES, CheckpointError, OneLineParser, decode_one_token, default_checkpoint, kv_budget,
                       load_model, positive_int, resolve_attention, resolve_device)
 from model import KVCache, full_cache
@@ -338,6 +339,11 @@ def result_row(row: Row, prepared: Prepared, tokens: list[int], report: dict, to
         **{k: report[k] for k in ("original", "quantized", "evicted", "held_bytes", "allocated_bytes", "full_bytes")})
 
 
+def decode_group(method: Method, attention: str) -> tuple:
+    """Methods whose rows decode in one batch share this key (`arkv.decode_family`); full decodes alone."""
+    return ("full",) if method.method == "full" else decode_family(arkv_config(method, MIN_BUDGET, attention))
+
+
 def arkv_config(method: Method, budget: int, attention: str) -> ARKVConfig:
     return ARKVConfig(kv_budget=budget, method=method.method, oq_policy=method.oq_policy, window=WINDOW,
                       kv_quant=method.kv_quant, attention=attention)
@@ -493,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gsm8k-file", type=Path, help="GSM8K jsonl (question, answer)")
     parser.add_argument("--gsm8k-shots", type=positive_int, default=8)
     parser.add_argument("--batch-size", type=positive_int, default=8,
-                        help="rows (samples x modes x budgets of one method) decoded together; samples prefilled "
+                        help="rows (samples x modes x methods that decode alike, of one budget) decoded together; samples prefilled "
                              "per group of this many")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -508,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="skip plot.png (then matplotlib is not needed)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile the decode step (default; about 10x faster decoding on the CPU after 20-40 s of "
-                             "compiling per method and budget): batches are padded to --batch-size and a budget's "
-                             "arenas sized for the longest prompt, so each method and budget compiles once")
+                             "compiling per group of methods and budget): batches are padded to one size per group and a "
+                             "budget's arenas sized for the longest prompt, so each group and budget compiles once")
     return parser
 
 
@@ -625,6 +631,12 @@ def run(opts, argv: list[str]):
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4096))
         step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
                              mode="reduce-overhead" if device.type == "cuda" else "default")
+    groups = defaultdict(list)  # (decode family, budget) -> its methods: their rows decode in shared batches
+    for m in methods:
+        for b in [None] if m.method == "full" else budgets:
+            groups[decode_group(m, attention), b].append(m)
+    pad_to = {key: min(opts.batch_size, sum(row.budget == key[1] and row.method in ms for row in todo))
+              for key, ms in groups.items()}  # one batch shape per group: one compiled step each
     notes: set = set()
     progress = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="eval", unit="row", file=sys.stderr)
     # sample 0 of every task, then sample 1, ...: a grid cut short still covers every task
@@ -637,15 +649,17 @@ def run(opts, argv: list[str]):
                 cuts, logits = record_prefill(model, prompt.context_ids + prompt.question_ids,
                                               [prompt.length, len(prompt.context_ids)])
                 records[prompt] = {"aware": (cuts[prompt.length], logits), "agnostic": (cuts[len(prompt.context_ids)], None)}
-            for method, budget in [(m, b) for m in methods for b in ([None] if m.method == "full" else budgets)]:
-                method_rows = [row for row in todo if row.prompt in records and (row.method, row.budget) == (method, budget)]
+            for key, group_methods in groups.items():
+                budget = key[1]
+                group_rows = [row for row in todo if row.prompt in records and row.budget == budget
+                              and row.method in group_methods]
                 arena = None if budget is None else budget_tokens(budget, longest, notes)
-                for b in range(0, len(method_rows), opts.batch_size):
-                    batch = method_rows[b:b + opts.batch_size]
+                for b in range(0, len(group_rows), opts.batch_size):
+                    batch = group_rows[b:b + opts.batch_size]
                     prepared = [prepare_row(model, row, records[row.prompt][row.mode], attention, kv_dtype, cache_len,
                                             notes) for row in batch]
                     decoded = decode_rows(model, batch, prepared, tokenizer, kv_dtype, cache_len, arena,
-                                          opts.batch_size if opts.compile else 0, step)
+                                          pad_to[key] if opts.compile else 0, step)
                     for row, ready, (tokens, report) in zip(batch, prepared, decoded):
                         result = result_row(row, ready, tokens, report, tokenizer, settings)
                         done[row.key] = result

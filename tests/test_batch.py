@@ -112,11 +112,36 @@ def test_batched_rows_with_a_covering_budget_equal_the_full_cache(method, policy
 def test_batched_rows_under_compression_equal_each_row_alone(method, policy, kv_quant):
     """Budgets smaller than the sequence and different per row (so the stacked arena is larger than some rows'):
     each row's batched logits and final token states equal those of the row decoded alone."""
-    model = tiny_model(4, 2, 64, seed=3)
-    lengths, budgets = (40, 70, 55), (6, 9, 7)  # even int4 cannot hold every token
-    rows = rows_of_tokens(model.args.vocab_size, seed=4, lengths=lengths)
     configs = [ARKVConfig(kv_budget=n, method=method, oq_policy=policy, window=4, kv_quant=kv_quant, sinks=2)
-               for n in budgets]
+               for n in (6, 9, 7)]  # even int4 cannot hold every token
+    check_rows_equal_alone(configs, quantizes=method == "quant" or policy == "coverage")
+
+
+def test_rows_of_methods_that_decode_alike_share_a_batch():
+    """eval.py batches the rows of arkv, quant and evict together (arkv.decode_family): each row, under the family's
+    rule, still decodes exactly as its own method alone; methods that decode differently refuse to stack."""
+    methods = [("evict", "paper"), ("arkv", "coverage"), ("quant", "paper")]
+    configs = [ARKVConfig(kv_budget=n, method=m, oq_policy=policy, window=4, kv_quant="int4")
+               for n, (m, policy) in zip((6, 9, 7), methods)]
+    check_rows_equal_alone(configs, quantizes=True)
+    model = tiny_model(4, 2, 64, seed=3)
+    managers = []
+    for method in ("arkv", "h2o"):
+        manager = ARKV(ARKVConfig(kv_budget=6, method=method, window=4), model.args, torch.float32)
+        model.setup_caches(1, 20, manager.cache_factory)
+        model(torch.zeros(1, 10, dtype=torch.long), torch.arange(10))
+        manager.compress()
+        managers.append(manager)
+    with pytest.raises(ValueError, match="decode differently"):
+        ARKV.stack(managers, 6)
+
+
+def check_rows_equal_alone(configs: list[ARKVConfig], quantizes: bool):
+    """Rows of different lengths, one per config, prefilled and compressed alone, then decoded in one batch: each
+    row's logits and token states equal those of the row decoded alone (`decode_alone`)."""
+    model = tiny_model(4, 2, 64, seed=3)
+    lengths = (40, 70, 55)
+    rows = rows_of_tokens(model.args.vocab_size, seed=4, lengths=lengths)
     prepared, _ = prefill_rows(model, rows, lambda b: ARKV(configs[b], model.args, torch.float32))
     got = decode_batched(model, rows, prepared, arena=32)
     batched_states = [held_positions(model, b) for b in range(len(rows))]
@@ -126,7 +151,7 @@ def test_batched_rows_under_compression_equal_each_row_alone(method, policy, kv_
             torch.testing.assert_close(step_got[b], step_alone[0], atol=1e-5, rtol=0)
         assert batched_states[b] == held_positions(model, 0), f"row {b}: token states differ from the row alone"
     quantized = [bool(q) for state in batched_states for layer in state for _, q in layer]
-    if method == "quant" or policy == "coverage":  # the paper's shares may leave a tiny model's layers all Original
+    if quantizes:  # the paper's shares may leave a tiny model's layers all Original
         assert any(quantized), "nothing Quantized: the Quantized region is untested"
     evicted = [len(o) + len(q) < lengths[b] + STEPS - 1 for b, state in enumerate(batched_states) for layer in state
                for o, q in layer]

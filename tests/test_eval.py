@@ -181,14 +181,16 @@ def test_one_prefill_serves_both_query_modes(model_and_tokenizer):
         if cut == len(ids):
             torch.testing.assert_close(logits, alone_logits, atol=1e-4, rtol=0)
         for shared, separate in zip(cuts[cut], alone):
-            for name in ("k", "v", "mean", "variance", "score"):
+            for name in ("k", "v"):  # float32 round-off of prefills of different lengths (up to 1.5e-5 seen)
+                torch.testing.assert_close(shared[name], separate[name], atol=1e-4, rtol=1e-4)
+            for name in ("mean", "variance", "score"):
                 torch.testing.assert_close(shared[name], separate[name], atol=1e-5, rtol=1e-4)
             assert torch.equal(shared["pos"], separate["pos"]) and shared["seq_len"] == separate["seq_len"] == cut
             assert shared["stats"] == pytest.approx(separate["stats"], rel=1e-4)
 
 
 SMALL_RUN = ["--context", "300", "--tasks", "niah_single_number", "niah_multivalue", "--methods", "full",
-             "arkv-coverage-int4", "h2o", "--budgets", "25%", "48", "--max-new-tokens", "5", "--no-plot", "--no-compile"]
+             "arkv-coverage-int4", "evict", "h2o", "--budgets", "25%", "48", "--max-new-tokens", "5", "--no-plot", "--no-compile"]
 
 
 def run_rows(checkpoint, out_dir, *extra) -> dict:
@@ -199,12 +201,13 @@ def run_rows(checkpoint, out_dir, *extra) -> dict:
 
 def test_batch_of_8_equals_batch_of_1_and_a_killed_run_resumes_to_the_same_rows(smollm2_checkpoint, tmp_path,
                                                                                 monkeypatch):
-    """Rows decoded 8 at a time (samples x modes x budgets of one method, prompts of different lengths) give the
-    predictions, token states and bytes of rows decoded alone; a run killed after two batches and resumed ends
-    with the rows of an uninterrupted run; --resume on a finished grid runs nothing and keeps its rows."""
+    """Rows decoded 8 at a time (samples x modes of one budget and of methods that decode alike, arkv-coverage-int4
+    with evict; prompts of different lengths) give the predictions, token states and bytes of rows decoded alone;
+    a run killed after two batches and resumed ends with the rows of an uninterrupted run; --resume on a finished
+    grid runs nothing and keeps its rows."""
     one = run_rows(smollm2_checkpoint, tmp_path / "one", "--limit", "2", "--batch-size", "1")
     eight = run_rows(smollm2_checkpoint, tmp_path / "eight", "--limit", "2", "--batch-size", "8")
-    assert len(one) == len(eight) == 2 * 2 * 2 * (1 + 2 * 2)  # tasks x samples x modes x (full + methods x budgets)
+    assert len(one) == len(eight) == 2 * 2 * 2 * (1 + 3 * 2)  # tasks x samples x modes x (full + methods x budgets)
     assert len({r["prompt_tokens"] for r in one.values()}) > 1, "prompts of one length would not test positions"
     assert one == eight
     decode_rows, batches = ev.decode_rows, []
