@@ -80,6 +80,8 @@ class ARKVConfig:
             raise ValueError(f"--kv-budget {self.kv_budget} is smaller than the window {self.window}")
         if self.method == "streaming" and self.kv_budget < self.window + self.sinks:
             raise ValueError(f"--kv-budget {self.kv_budget}: streaming needs window + {self.sinks} sink tokens")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"--pool-kernel {self.pool_kernel}: expected an odd integer >= 1")
         if self.gamma < 0 or min(self.tau) <= 0:
             raise ValueError("--gamma must be >= 0 and every --tau > 0")
 

@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token, decode_family, window_pending
 from generate import (DTYPES, CheckpointError, OneLineParser, decode_one_token, default_checkpoint, kv_budget,
-                      load_model, positive_int, resolve_attention, resolve_device)
+                      load_model, pool_kernel, positive_int, resolve_attention, resolve_device)
 from model import KVCache, full_cache
 from tasks import FAMILIES, LONGBENCH_METRICS, Sample, load_gsm8k, load_longbench, score, synthetic_sample
 from tokenizer import load_tokenizer
@@ -69,7 +69,8 @@ MODES = ("aware", "agnostic")
 DEFAULT_METHODS = ("full", "arkv-paper-int4", "arkv-coverage-int4", "arkv-paper-int8", "arkv-paper-fp8", "evict",
                    "quant-int4", "streaming", "h2o")
 ROW_SETTINGS = ("checkpoint", "context", "limit", "seed", "max_new_tokens", "haystack_file", "longbench_dir",
-                "gsm8k_file", "gsm8k_shots", "dtype", "kv_dtype")  # what a row's result depends on besides its key
+                "gsm8k_file", "gsm8k_shots", "dtype", "kv_dtype", "pool_kernel")  # what a row's result depends on besides its key
+SETTINGS_BEFORE_THEIR_FLAG = {"pool_kernel": 5}  # what runs from before a setting's flag used (their run.json lacks it)
 
 
 @dataclass(frozen=True)
@@ -205,10 +206,12 @@ class PrefillRecorder(nn.Module):
 
 
 @torch.no_grad()
-def record_prefill(model, ids: list[int], cuts: list[int]) -> tuple[dict[int, list[dict]], Tensor]:
+def record_prefill(model, ids: list[int], cuts: list[int], pool_kernel: int = 5) -> tuple[dict[int, list[dict]], Tensor]:
     """One prefill of `ids`: for each cut, every layer's pending ARKV state had the prompt ended there (any
-    method's fresh cache can load and compress it), and the last logits [1, 1, vocab]."""
-    recorders = [PrefillRecorder(ARKVConfig(kv_budget=WINDOW, window=WINDOW), cuts) for _ in model.layers]
+    method's fresh cache can load and compress it; token scores pooled over `pool_kernel` positions), and the last
+    logits [1, 1, vocab]."""
+    config = ARKVConfig(kv_budget=WINDOW, window=WINDOW, pool_kernel=pool_kernel)
+    recorders = [PrefillRecorder(config, cuts) for _ in model.layers]
     model.setup_caches(1, len(ids), lambda layer, *_: recorders[layer])
     device = model.output.weight.device
     logits = model(torch.tensor([ids], device=device), torch.arange(len(ids), device=device), last_only=True)
@@ -252,7 +255,7 @@ class Prepared:
 
 @torch.no_grad()
 def prepare_row(model, row: Row, record: tuple[list[dict], Tensor], attention: str, kv_dtype: torch.dtype,
-                cache_len: int, notes: set) -> Prepared:
+                cache_len: int, notes: set, pool_kernel: int = 5) -> Prepared:
     """The row alone (batch 1): a fresh cache holding its recorded prefill, compressed; in agnostic mode the
     question then goes in as a prefill chunk over what the cache holds, and the cache is compressed again. A full
     cache is sized for `cache_len` tokens, one size for every sample (one compiled shape); an ARKV arena depends on
@@ -260,7 +263,7 @@ def prepare_row(model, row: Row, record: tuple[list[dict], Tensor], attention: s
     prompt, device = row.prompt, model.output.weight.device
     pendings, logits = record
     tokens_budget = None if row.budget is None else budget_tokens(row.budget, prompt.length, notes)
-    config = None if row.budget is None else arkv_config(row.method, tokens_budget, attention)
+    config = None if row.budget is None else arkv_config(row.method, tokens_budget, attention, pool_kernel)
     manager = load_prefill(model, pendings, prompt.length + prompt.max_new_tokens if config else cache_len, config,
                            kv_dtype)
     if row.mode == "agnostic":
@@ -344,9 +347,9 @@ def decode_group(method: Method, attention: str) -> tuple:
     return ("full",) if method.method == "full" else decode_family(arkv_config(method, MIN_BUDGET, attention))
 
 
-def arkv_config(method: Method, budget: int, attention: str) -> ARKVConfig:
+def arkv_config(method: Method, budget: int, attention: str, pool_kernel: int = 5) -> ARKVConfig:
     return ARKVConfig(kv_budget=budget, method=method.method, oq_policy=method.oq_policy, window=WINDOW,
-                      kv_quant=method.kv_quant, attention=attention)
+                      kv_quant=method.kv_quant, attention=attention, pool_kernel=pool_kernel)
 
 
 def budget_tokens(budget: int | float, prompt_len: int, notes: set) -> int:
@@ -498,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--longbench-dir", type=Path, help="LongBench data: <dataset>.jsonl and dataset2prompt.json")
     parser.add_argument("--gsm8k-file", type=Path, help="GSM8K jsonl (question, answer)")
     parser.add_argument("--gsm8k-shots", type=positive_int, default=8)
+    parser.add_argument("--pool-kernel", type=pool_kernel, default=5,
+                        help="positions a token score is average-pooled over (odd; 1: no pooling) for arkv, quant "
+                             "and evict, which rank tokens by it (default: 5, the paper's and SnapKV's)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="rows (samples x modes x methods that decode alike, of one budget) decoded together; samples prefilled "
                              "per group of this many")
@@ -569,6 +575,7 @@ def open_results(opts, settings: dict) -> dict[tuple, dict]:
         return {}
     if run_file.exists():
         saved = json.loads(run_file.read_text())
+        saved = {**SETTINGS_BEFORE_THEIR_FLAG, **saved}
         changed = [name for name in ROW_SETTINGS if saved.get(name) != settings[name]]
         if changed:
             name = changed[0]
@@ -599,7 +606,7 @@ def run(opts, argv: list[str]):
     for m in methods:
         if m.method != "full":
             try:
-                ARKV(arkv_config(m, MIN_BUDGET, attention), model.args, kv_dtype)
+                ARKV(arkv_config(m, MIN_BUDGET, attention, opts.pool_kernel), model.args, kv_dtype)
             except ValueError as err:
                 raise CheckpointError(f"--methods {m.spec}: {err}") from None
     prompts = []
@@ -647,7 +654,7 @@ def run(opts, argv: list[str]):
             records = {}
             for prompt in group:  # one prefill per sample serves both query modes
                 cuts, logits = record_prefill(model, prompt.context_ids + prompt.question_ids,
-                                              [prompt.length, len(prompt.context_ids)])
+                                              [prompt.length, len(prompt.context_ids)], opts.pool_kernel)
                 records[prompt] = {"aware": (cuts[prompt.length], logits), "agnostic": (cuts[len(prompt.context_ids)], None)}
             for key, group_methods in groups.items():
                 budget = key[1]
@@ -657,7 +664,7 @@ def run(opts, argv: list[str]):
                 for b in range(0, len(group_rows), opts.batch_size):
                     batch = group_rows[b:b + opts.batch_size]
                     prepared = [prepare_row(model, row, records[row.prompt][row.mode], attention, kv_dtype, cache_len,
-                                            notes) for row in batch]
+                                            notes, opts.pool_kernel) for row in batch]
                     decoded = decode_rows(model, batch, prepared, tokenizer, kv_dtype, cache_len, arena,
                                           pad_to[key] if opts.compile else 0, step)
                     for row, ready, (tokens, report) in zip(batch, prepared, decoded):

@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Defaults of the flags whose argparse default is None (so that a given flag can be told from a
 # default one, see check_flags).
 FLAG_DEFAULTS = dict(seed=0, attention="auto", oq_policy="paper", window=32, kv_quant="int4", gamma=PAPER_GAMMA,
-                     tau=list(PAPER_TAU))
+                     tau=list(PAPER_TAU), pool_kernel=5)
 
 
 class CheckpointError(ValueError):
@@ -248,6 +248,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def pool_kernel(text: str) -> int:
+    """An odd number of positions >= 1 (the pooling is centred on the token)."""
+    value = positive_int(text)
+    if value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"expected an odd integer >= 1 (the pooling is centred on the token), got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -304,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="format of Quantized tokens (default: %s)" % FLAG_DEFAULTS["kv_quant"])
     kv.add_argument("--gamma", type=non_negative_float, default=None,
                     help="weight of the attention variance in token scores (default: %s)" % FLAG_DEFAULTS["gamma"])
+    kv.add_argument("--pool-kernel", type=pool_kernel, default=None, metavar="N",
+                    help="positions a token's score is average-pooled over when ranking (odd; 1: none) "
+                         "(default: %s)" % FLAG_DEFAULTS["pool_kernel"])
     kv.add_argument("--tau", type=positive_float, nargs=3, default=None, metavar=("T1", "T2", "T3"),
                     help="exponents 1/tau of entropy, variance, kurtosis in the layer score (default: %s)"
                     % " ".join(map(str, FLAG_DEFAULTS["tau"])))
@@ -371,7 +382,7 @@ def check_flags(opts: argparse.Namespace):
     defaults of the None-default flags are filled in. Needs no checkpoint."""
     method = opts.method or ("arkv" if opts.kv_budget is not None else "full")
     flag = {"oq_policy": "--oq-policy", "window": "--window", "kv_quant": "--kv-quant", "gamma": "--gamma",
-            "tau": "--tau", "attention": "--attention"}
+            "tau": "--tau", "attention": "--attention", "pool_kernel": "--pool-kernel"}
     given = [name for name in flag if getattr(opts, name) is not None]
     if method == "full":
         if opts.kv_budget is not None:
@@ -383,7 +394,8 @@ def check_flags(opts: argparse.Namespace):
     # cache methods that ignore a flag: the Original share (oq-policy, tau) is fixed but for arkv,
     # the Quantized format matters only where tokens get quantized, StreamingLLM keeps by position
     ignored_by = {"oq_policy": ("evict", "streaming", "h2o", "quant"), "tau": ("evict", "streaming", "h2o", "quant"),
-                  "kv_quant": ("evict", "streaming", "h2o"), "gamma": ("streaming",)}
+                  "kv_quant": ("evict", "streaming", "h2o"), "gamma": ("streaming",),
+                  "pool_kernel": ("streaming", "h2o")}
     for name, methods in ignored_by.items():
         if name in given and method in methods:
             raise CheckpointError(f"{flag[name]} has no effect with --method {method}; drop it")
@@ -559,7 +571,7 @@ def run(opts: argparse.Namespace):
     if method != "full":
         budget, window, sinks = fit_budget(opts, method, len(ids), max_new_tokens)  # clamped to the sequence
         config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=window, sinks=sinks,
-                            kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau),
+                            kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau), pool_kernel=opts.pool_kernel,
                             attention=resolve_attention(opts.attention, device))
         manager = ARKV(config, model.args, kv_dtype, reduce=tp.all_reduce_sum)
     # -- the KV cache must fit in memory: checked before anything is allocated (issue 12)

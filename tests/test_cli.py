@@ -33,6 +33,8 @@ def run_main(main, argv, capsys) -> str:
     (["--oq-policy", "greedy"], "--oq-policy"),
     (["--window", "-1"], "--window"),
     (["--gamma", "-1"], "--gamma"),
+    (["--pool-kernel", "4"], "--pool-kernel"),
+    (["--pool-kernel", "0"], "--pool-kernel"),
     (["--tau", "1", "0", "1"], "--tau"),
     (["--prefill-chunk", "0"], "--prefill-chunk"),
     (["--attention", "cuda"], "--attention"),
@@ -382,6 +384,8 @@ def test_convert_not_a_gguf(tmp_path, capsys):
     (["--kv-budget", "64", "--method", "h2o", "--tau", "1", "1", "1"], "--tau has no effect with --method h2o"),
     (["--kv-budget", "64", "--method", "quant", "--oq-policy", "coverage"], "--oq-policy has no effect with --method quant"),
     (["--kv-budget", "64", "--method", "streaming", "--gamma", "2"], "--gamma has no effect with --method streaming"),
+    (["--kv-budget", "64", "--method", "h2o", "--pool-kernel", "3"], "--pool-kernel has no effect with --method h2o"),
+    (["--pool-kernel", "3"], "--pool-kernel has no effect with the full cache"),
     (["--system", "Be brief."], "--system has no effect without --chat"),
     (["--top-k", "5"], "--top-k 5 has no effect with greedy decoding (--temperature 0)"),
     (["--query-mode", "aware"], "--query-mode aware has no effect without --question"),
@@ -422,7 +426,9 @@ def test_arkv_flags_keep_their_defaults(tiny, monkeypatch, capsys):
     monkeypatch.setattr(generate, "ARKVConfig", Spy)
     generate.main(["--checkpoint", str(tiny), "--kv-budget", "5", "--window", "4", *PROMPT5])
     assert (seen["oq_policy"], seen["kv_quant"], seen["gamma"], seen["tau"]) == ("paper", "int4", 263.8, (7.774, 5.407, 5.528))
-    assert seen["attention"] == "torch" and seen["window"] == 4 and seen["kv_budget"] == 5
+    assert seen["attention"] == "torch" and seen["window"] == 4 and seen["kv_budget"] == 5 and seen["pool_kernel"] == 5
+    generate.main(["--checkpoint", str(tiny), "--kv-budget", "5", "--window", "4", "--pool-kernel", "9", *PROMPT5])
+    assert seen["pool_kernel"] == 9
 
 
 # -- budgets that fit ------------------------------------------------------------------------------

@@ -189,6 +189,19 @@ def test_one_prefill_serves_both_query_modes(model_and_tokenizer):
             assert shared["stats"] == pytest.approx(separate["stats"], rel=1e-4)
 
 
+def test_pool_kernel_sets_how_the_recorded_scores_are_pooled(model_and_tokenizer):
+    """--pool-kernel reaches the recorded prefill: kernel 1 leaves each token's score its own mean + gamma * variance
+    (the oracle tests check kernels 1-7 against plain loops); kernel 9 averages it over 9 positions."""
+    model, tokenizer = model_and_tokenizer
+    ids = ev.split_ids(tokenizer, synthetic_sample("niah_single_number", tokenizer, 120, 0.5, random.Random(1)))[0]
+    unpooled = ev.record_prefill(model, ids, [len(ids)], pool_kernel=1)[0][len(ids)][0]
+    pooled = ev.record_prefill(model, ids, [len(ids)], pool_kernel=9)[0][len(ids)][0]
+    own = unpooled["mean"] + ARKVConfig(kv_budget=32).gamma * unpooled["variance"]
+    torch.testing.assert_close(unpooled["score"], own)
+    middle = torch.nn.functional.avg_pool1d(own.flatten(0, 1)[:, None], 9, stride=1).view(*own.shape[:2], -1)
+    torch.testing.assert_close(pooled["score"][..., 4:-4], middle)
+
+
 SMALL_RUN = ["--context", "300", "--tasks", "niah_single_number", "niah_multivalue", "--methods", "full",
              "arkv-coverage-int4", "evict", "h2o", "--budgets", "25%", "48", "--max-new-tokens", "5", "--no-plot", "--no-compile"]
 
@@ -253,6 +266,11 @@ def test_resume_refuses_other_settings_and_a_fresh_run_keeps_old_results(smollm2
             ev.main(["--checkpoint", str(smollm2_checkpoint), *SMALL_RUN, "--limit", "1", "--dtype", "float32",
                      "--out-dir", str(out), *extra])
         assert isinstance(exit.value.code, str) and message in exit.value.code and "\n" not in exit.value.code
+    (out / "run.json").write_text(json.dumps({**settings, "context": 300}))  # a run.json from before --pool-kernel
+    with pytest.raises(SystemExit) as exit:
+        ev.main(["--checkpoint", str(smollm2_checkpoint), *SMALL_RUN, "--limit", "1", "--dtype", "float32",
+                 "--out-dir", str(out), "--resume", "--pool-kernel", "9"])
+    assert "--pool-kernel 5" in exit.value.code  # what those runs used
 
 
 def test_smoke_run_writes_table_results_summary_and_plot(smollm2_checkpoint, tmp_path, capsys):
