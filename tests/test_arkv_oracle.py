@@ -555,7 +555,8 @@ def test_planted_heavy_hitter_far_from_window_stays_original(method):
     (new keys neutral), while other tokens are evicted."""
     T, W, steps = 64, 8, 24
     q, k, v = planted(T, {10: 5.0})
-    cache = planted_cache(ARKVConfig(kv_budget=W + 5, window=W, method=method, kv_quant="int8"), q, k, v, steps)
+    config = ARKVConfig(kv_budget=W + 5, window=W, method=method, oq_policy="paper", kv_quant="int8")  # arkv: Original
+    cache = planted_cache(config, q, k, v, steps)
     assert {10} | set(range(T - W, T)) <= held(cache, 0, 0)[0]
     for step in range(steps):
         cache(q[:, :, :1], torch.zeros(1, 1, 1, PLANT_D), v[:, :, :1], torch.tensor([T + step]))
@@ -568,7 +569,7 @@ def test_planted_pooling_keeps_heavy_hitter_neighbourhood(method):
     with room for 5 tokens beyond the window, exactly 8..12 are kept."""
     T, W = 64, 8
     q, k, v = planted(T, {10: 5.0})
-    cache = planted_cache(ARKVConfig(kv_budget=W + 5, window=W, method=method, kv_quant="int8"), q, k, v)
+    cache = planted_cache(ARKVConfig(kv_budget=W + 5, window=W, method=method, oq_policy="paper", kv_quant="int8"), q, k, v)
     assert held(cache, 0, 0) == (set(range(8, 13)) | set(range(T - W, T)), set())
 
 

@@ -409,7 +409,7 @@ def test_help_names_the_defaults(capsys):
         generate.main(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ["(default: paper)", "(default: 32)", "(default: int4)", "(default: 263.8)",
+    for default in ["(default: coverage)", "(default: 32)", "(default: int4)", "(default: 263.8)",
                     "(default: 7.774 5.407 5.528)", "(default: auto)", "(default: 0)"]:
         assert default in text
 
@@ -425,7 +425,7 @@ def test_arkv_flags_keep_their_defaults(tiny, monkeypatch, capsys):
 
     monkeypatch.setattr(generate, "ARKVConfig", Spy)
     generate.main(["--checkpoint", str(tiny), "--kv-budget", "5", "--window", "4", *PROMPT5])
-    assert (seen["oq_policy"], seen["kv_quant"], seen["gamma"], seen["tau"]) == ("paper", "int4", 263.8, (7.774, 5.407, 5.528))
+    assert (seen["oq_policy"], seen["kv_quant"], seen["gamma"], seen["tau"]) == ("coverage", "int4", 263.8, (7.774, 5.407, 5.528))
     assert seen["attention"] == "torch" and seen["window"] == 4 and seen["kv_budget"] == 5 and seen["pool_kernel"] == 5
     generate.main(["--checkpoint", str(tiny), "--kv-budget", "5", "--window", "4", "--pool-kernel", "9", *PROMPT5])
     assert seen["pool_kernel"] == 9

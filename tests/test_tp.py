@@ -32,7 +32,7 @@ CASES = {
 }
 # a budget of 24 of 68 tokens: every case evicts and quantizes; tau 1 spreads the layer shares
 # (0.4-1 here, 0.94-1 with the paper's tau), so shares taken from one rank's heads would show
-ARKV_CONFIG = ARKVConfig(kv_budget=24, window=4, kv_quant="int4", tau=(1.0, 1.0, 1.0))
+ARKV_CONFIG = ARKVConfig(kv_budget=24, window=4, kv_quant="int4", oq_policy="paper", tau=(1.0, 1.0, 1.0))  # evicts too
 
 
 def tiny_model(fields: dict) -> Transformer:
