@@ -206,7 +206,7 @@ class PrefillRecorder(nn.Module):
 
 
 @torch.no_grad()
-def record_prefill(model, ids: list[int], cuts: list[int], pool_kernel: int = 5) -> tuple[dict[int, list[dict]], Tensor]:
+def record_prefill(model, ids: list[int], cuts: list[int], pool_kernel: int = ARKVConfig.pool_kernel) -> tuple[dict[int, list[dict]], Tensor]:
     """One prefill of `ids`: for each cut, every layer's pending ARKV state had the prompt ended there (any
     method's fresh cache can load and compress it; token scores pooled over `pool_kernel` positions), and the last
     logits [1, 1, vocab]."""
@@ -255,7 +255,7 @@ class Prepared:
 
 @torch.no_grad()
 def prepare_row(model, row: Row, record: tuple[list[dict], Tensor], attention: str, kv_dtype: torch.dtype,
-                cache_len: int, notes: set, pool_kernel: int = 5) -> Prepared:
+                cache_len: int, notes: set, pool_kernel: int = ARKVConfig.pool_kernel) -> Prepared:
     """The row alone (batch 1): a fresh cache holding its recorded prefill, compressed; in agnostic mode the
     question then goes in as a prefill chunk over what the cache holds, and the cache is compressed again. A full
     cache is sized for `cache_len` tokens, one size for every sample (one compiled shape); an ARKV arena depends on
@@ -347,7 +347,7 @@ def decode_group(method: Method, attention: str) -> tuple:
     return ("full",) if method.method == "full" else decode_family(arkv_config(method, MIN_BUDGET, attention))
 
 
-def arkv_config(method: Method, budget: int, attention: str, pool_kernel: int = 5) -> ARKVConfig:
+def arkv_config(method: Method, budget: int, attention: str, pool_kernel: int = ARKVConfig.pool_kernel) -> ARKVConfig:
     return ARKVConfig(kv_budget=budget, method=method.method, oq_policy=method.oq_policy, window=WINDOW,
                       kv_quant=method.kv_quant, attention=attention, pool_kernel=pool_kernel)
 
@@ -501,9 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--longbench-dir", type=Path, help="LongBench data: <dataset>.jsonl and dataset2prompt.json")
     parser.add_argument("--gsm8k-file", type=Path, help="GSM8K jsonl (question, answer)")
     parser.add_argument("--gsm8k-shots", type=positive_int, default=8)
-    parser.add_argument("--pool-kernel", type=pool_kernel, default=5,
+    parser.add_argument("--pool-kernel", type=pool_kernel, default=ARKVConfig.pool_kernel,
                         help="positions a token score is average-pooled over (odd; 1: no pooling) for arkv, quant "
-                             "and evict, which rank tokens by it (default: 5, the paper's and SnapKV's)")
+                             "and evict, which rank tokens by it (default: %(default)s, the paper's and SnapKV's)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="rows (samples x modes x methods that decode alike, of one budget) decoded together; samples prefilled "
                              "per group of this many")

@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Defaults of the flags whose argparse default is None (so that a given flag can be told from a
 # default one, see check_flags).
 FLAG_DEFAULTS = dict(seed=0, attention="auto", oq_policy="coverage", window=32, kv_quant="int4", gamma=PAPER_GAMMA,
-                     tau=list(PAPER_TAU), pool_kernel=5)
+                     tau=list(PAPER_TAU), pool_kernel=ARKVConfig.pool_kernel)
 
 
 class CheckpointError(ValueError):
