@@ -132,10 +132,10 @@ def bfloat16_round(x: Tensor, up: bool) -> Tensor:
     return torch.where((x >= 0) == up, away, toward_zero).view(torch.float32)
 
 
-class Fp8:
-    """FP8 e4m3 with one float32 scale per token (`symmetric_scale`, levels 448):
-    x ~ e4m3(x / s) s, x / s in [-448, 448]. e4m3 keeps 3 mantissa bits for |x / s| >= 2^-6 and a
-    fixed step 2^-9 below (OCP FP8 spec), so the error is <= 2^-4 |x| + 2^-10 s for |x| <= 448 s."""
+class TokenScaled:
+    """A format with one byte per channel and one float32 scale per token. Decode attention reads a
+    format's tokens as `parts` (dequantized channel blocks) against the same blocks of the query
+    (`split`) and puts its output's blocks back together (`merge`): here, one block of every channel."""
     meta_dtype = torch.float32
 
     @staticmethod
@@ -145,6 +145,24 @@ class Fp8:
     @staticmethod
     def meta_count(head_dim: int) -> int:
         return 1
+
+    @classmethod
+    def parts(cls, payload: Tensor, meta: Tensor) -> tuple[Tensor]:
+        return (cls.dequantize(payload, meta),)
+
+    @staticmethod
+    def split(x: Tensor) -> tuple[Tensor]:
+        return (x,)
+
+    @staticmethod
+    def merge(parts: tuple[Tensor]) -> Tensor:
+        return parts[0]
+
+
+class Fp8(TokenScaled):
+    """FP8 e4m3 with one float32 scale per token (`symmetric_scale`, levels 448):
+    x ~ e4m3(x / s) s, x / s in [-448, 448]. e4m3 keeps 3 mantissa bits for |x / s| >= 2^-6 and a
+    fixed step 2^-9 below (OCP FP8 spec), so the error is <= 2^-4 |x| + 2^-10 s for |x| <= 448 s."""
 
     @staticmethod
     def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,11 +177,9 @@ class Fp8:
         return payload.view(torch.float8_e4m3fn).float() * meta
 
 
-class Int8:
+class Int8(TokenScaled):
     """Symmetric int8 with one float32 scale per token (`symmetric_scale`, levels 127):
     q = round(x / s) in [-127, 127], x ~ q s. Elementwise error <= s / 2 for |x| <= 127 s."""
-    meta_dtype = torch.float32
-    payload_bytes, meta_count = Fp8.payload_bytes, Fp8.meta_count
 
     @staticmethod
     def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,8 +193,8 @@ class Int8:
 
 
 class Int4:
-    """Asymmetric 4-bit per group of 32 channels (KIVI-style), two values packed per byte, bfloat16
-    scale and zero point per group: with lo, hi the group's finite minimum and maximum clamped to
+    """Asymmetric 4-bit per group of 32 channels (KIVI-style), two values packed per byte (channels
+    j and j + 16 of a group: `parts`), bfloat16 scale and zero point per group: with lo, hi the group's finite minimum and maximum clamped to
     +-2^126, z = lo rounded down and s = (hi - z) / 15 rounded up to bfloat16 (`bfloat16_round`),
     q = round((x - z) / s) in [0, 15], x ~ q s + z. Every x in [lo, hi] lies in [z, z + 15 s], so
     the elementwise error is <= s / 2 (plus |x| - 2^126 past the clamp).
@@ -215,20 +231,34 @@ class Int4:
         scale = torch.where(zero + 15 * scale < hi, bfloat16_round(scale.nextafter(torch.tensor(torch.inf)), up=True), scale)
         safe_scale = torch.where(scale > 0, scale, 1.0)
         q = torch.round((groups - zero) / safe_scale).clamp(0, 15).nan_to_num(0.0)  # +-inf -> 15 or 0
-        q = q.to(torch.uint8).flatten(-2)  # [..., D]
-        payload = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., D/2]
+        q = q.to(torch.uint8)  # [..., D/g, g]
+        payload = (q[..., : cls.group // 2] | (q[..., cls.group // 2:] << 4)).flatten(-2)  # [..., D/2]
         meta = torch.cat([scale, zero], dim=-1).bfloat16().masked_fill(groups.isnan().any(-1, keepdim=True), torch.nan)
         return payload, meta.flatten(-2)  # meta [..., D/g * 2]
 
     @classmethod
     def dequantize(cls, payload: Tensor, meta: Tensor) -> Tensor:
-        """Byte b of group g holds channels 2b (low nibble) and 2b + 1 (high): both are scaled
-        per byte, then interleaved (3x faster compiled on the CPU than unpacking first)."""
+        return torch.cat(cls.parts(payload, meta), dim=-1).flatten(-2)  # [..., D]
+
+    @classmethod
+    def parts(cls, payload: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+        """Byte j of group g holds channel 32 g + j in its low nibble and 32 g + 16 + j in its high
+        one, so each half of a group unpacks to contiguous memory (no interleave):
+        payload [..., D/2], meta [..., D/g * 2] -> (low, high) [..., D/g, g/2] float32."""
         scale, zero = meta.float().unflatten(-1, (-1, 2)).unbind(-1)  # [..., D/g] each
         pairs = payload.unflatten(-1, (-1, cls.group // 2))  # [..., D/g, g/2]
-        low = (pairs & 15).float() * scale[..., None] + zero[..., None]
-        high = (pairs >> 4).float() * scale[..., None] + zero[..., None]
-        return torch.stack([low, high], dim=-1).flatten(-3)  # [..., D]
+        return ((pairs & 15).float() * scale[..., None] + zero[..., None],
+                (pairs >> 4).float() * scale[..., None] + zero[..., None])
+
+    @classmethod
+    def split(cls, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [..., D] as the channels of `parts`: (low, high) [..., D/g, g/2]."""
+        return x.unflatten(-1, (-1, 2, cls.group // 2)).unbind(-2)
+
+    @classmethod
+    def merge(cls, parts: tuple[Tensor, Tensor]) -> Tensor:
+        """The inverse of `split`: (low, high) [..., D/g, g/2] -> [..., D]."""
+        return torch.stack(parts, dim=-2).flatten(-3)
 
 
 FORMATS = {"fp8": Fp8, "int8": Int8, "int4": Int4}
@@ -833,43 +863,49 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     follows the budget's bytes, not the arena's M slots; the others get probability 0. q_first is
     read from its tensor as a size that the compiler keeps symbolic: one graph serves every split.
     The range spans at least 2 slots (extra ones are dead, hence masked): the compiler's matmul
-    needs a size it can prove is not 1. Keys and values are dequantized separately, each read by
-    one product (`scores_against`, `weighted_sum`), so that compiled, no dequantized copy of the
-    Quantized region is written. The Original view is read whole (N slots, dead ones masked);
+    needs a size it can prove is not 1. Keys and values are dequantized separately, as the format's
+    channel blocks (`parts`: int4's two nibble halves), each read by one product against the same
+    block of the query (`scores_against`) or weighted by the probabilities (`weighted_sum`), so that
+    compiled, no dequantized copy of the Quantized region is written. The Original view is read whole (N slots, dead ones masked);
     `original_slots` is there for the kernel's signature."""
     B, H, _, D = q.shape
     n_kv_heads, N, M = kv_original.shape[1], kv_original.shape[2], payload.shape[2]
     G = H // n_kv_heads
     first = 0 if quantized_first is None or M < 2 else slot_bound(quantized_first.min(), M - 2)
     fmt = FORMATS[kv_quant]
-    k_q, v_q = (fmt.dequantize(payload[:, :, first:, i], meta[:, :, first:, i]) for i in (0, 1))  # [B, Hkv, M - first, D]
+    k_parts, v_parts = (fmt.parts(payload[:, :, first:, i], meta[:, :, first:, i]) for i in (0, 1))  # [B, Hkv, M - first, ...]
     pos = torch.cat([original_pos, quantized_pos[..., first:]], dim=-1)  # [B, Hkv, T]
     qg = q.view(B, n_kv_heads, G, D).float()  # [B, Hkv, G, D]
-    scores = torch.cat([scores_against(qg, k) for k in (kv_original[:, :, :, 0], k_q)], dim=-1)  # [B, Hkv, G, T]
+    quantized_scores = sum(scores_against(q_part, k_part) for q_part, k_part in zip(fmt.split(qg), k_parts))
+    scores = torch.cat([scores_against(qg, kv_original[:, :, :, 0]), quantized_scores], dim=-1)  # [B, Hkv, G, T]
     probs = torch.softmax(scores.mul(D**-0.5).masked_fill(pos[:, :, None] < 0, -torch.inf), dim=-1)
-    y = 0
-    for v, p, live in ((kv_original[:, :, :, 1], probs[..., :N], original_pos >= 0),
-                       (v_q, probs[..., N:], pos[..., N:] >= 0)):
-        y = y + weighted_sum(p, torch.where(live[..., None], v.float(), 0.0))  # garbage bytes of dead slots -> 0
+    live_original, live_quantized = original_pos >= 0, pos[..., N:] >= 0  # garbage bytes of dead slots -> 0
+    y = weighted_sum(probs[..., :N], torch.where(live_original[..., None], kv_original[:, :, :, 1].float(), 0.0))
+    y = y + fmt.merge([weighted_sum(probs[..., N:], torch.where(live_quantized.view(*live_quantized.shape, *[1] * (v.dim() - 3)), v, 0.0))
+                       for v in v_parts])  # [B, Hkv, G, D]
     probs = torch.cat([probs[..., :N], probs.new_zeros(B, n_kv_heads, G, first), probs[..., N:]], dim=-1)  # [B, Hkv, G, N + M]
     return y.to(q.dtype).view(B, H, 1, D), probs
 
 
 def scores_against(q: Tensor, keys: Tensor) -> Tensor:
-    """q [B, Hkv, G, D] . keys [B, Hkv, T, D] -> [B, Hkv, G, T]. Compiled: a product summed over D,
-    which the compiler fuses with the keys' dequantization (a matmul reads a dequantized float
-    copy, written first: 2-3x slower on the CPU at 4k tokens, batch 8). Eager: a matmul (the
-    product would be G times the keys' size)."""
+    """q [B, Hkv, G, *C] . keys [B, Hkv, T, *C] -> [B, Hkv, G, T], summed over the channels C (D, or
+    a format's `parts`). Compiled: a product summed one channel dim at a time, which the compiler
+    fuses with the keys' dequantization (a matmul reads a dequantized float copy, written first:
+    2-3x slower on the CPU at 4k tokens, batch 8). Eager: a matmul (the product would be G times
+    the keys' size)."""
     if torch.compiler.is_compiling():
-        return (q[:, :, :, None, :] * keys[:, :, None].float()).sum(-1)  # [B, Hkv, G, T, D] summed over D
-    return q @ keys.float().transpose(-1, -2)
+        product = q[:, :, :, None] * keys[:, :, None].float()  # [B, Hkv, G, T, *C]
+        while product.dim() > 4:
+            product = product.sum(-1)
+        return product
+    return q.flatten(3) @ keys.float().flatten(3).transpose(-1, -2)
 
 
 def weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
-    """probs [B, Hkv, G, T] . values [B, Hkv, T, D] -> [B, Hkv, G, D], fused as `scores_against`."""
+    """probs [B, Hkv, G, T] . values [B, Hkv, T, *C] -> [B, Hkv, G, *C], fused as `scores_against`."""
     if torch.compiler.is_compiling():
-        return (probs[..., None] * values[:, :, None]).sum(-2)  # [B, Hkv, G, T, D] summed over T
-    return probs @ values
+        return (probs.view(*probs.shape, *[1] * (values.dim() - 3)) * values[:, :, None]).sum(3)  # [B, Hkv, G, T, *C] summed over T
+    return (probs @ values.flatten(3)).view(*probs.shape[:3], *values.shape[3:])
 
 
 def slot_bound(bound: Tensor, high: int) -> int:

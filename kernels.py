@@ -39,14 +39,17 @@ if triton is not None:
 
         fp8 e4m3: sign s, exponent e (4 bits, bias 7), mantissa m (3 bits):
         (-1)^s (1 + m/8) 2^(e-7), or m 2^-9 when e = 0 (OCP FP8 spec); times the token's scale.
-        int8: byte as two's complement, times the token's scale. int4: byte d // 2 holds channel d
-        in its low (even d) or high (odd d) nibble; x = q * scale_g + zero_g, g = d // GROUP."""
+        int8: byte as two's complement, times the token's scale. int4: with g = d // GROUP and
+        j = d % GROUP, byte g GROUP/2 + j % (GROUP/2) holds channel d in its low (j < GROUP/2) or
+        high nibble; x = q * scale_g + zero_g."""
         mask = in_range[:, None] & (d[None, :] < head_dim)
         if FORMAT == 0:
             return tl.load(base + slot_offset[:, None] + half_offset + d[None, :], mask=mask, other=0.0).to(tl.float32)
         if FORMAT == 3:
-            byte = tl.load(base + slot_offset[:, None] + half_offset + d[None, :] // 2, mask=mask, other=0).to(tl.int32)
-            nibble = (byte >> ((d[None, :] % 2) * 4)) & 15
+            half = GROUP // 2
+            byte_index = (d[None, :] // GROUP) * half + d[None, :] % half
+            byte = tl.load(base + slot_offset[:, None] + half_offset + byte_index, mask=mask, other=0).to(tl.int32)
+            nibble = (byte >> ((d[None, :] % GROUP) // half * 4)) & 15
             group_meta = meta_base + meta_slot_offset[:, None] + meta_half_offset + 2 * (d[None, :] // GROUP)
             scale = tl.load(group_meta, mask=mask, other=0.0).to(tl.float32)
             zero = tl.load(group_meta + 1, mask=mask, other=0.0).to(tl.float32)

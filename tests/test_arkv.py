@@ -193,9 +193,9 @@ def test_int4_round_trip_exact_on_representable_values(data):
     scale, zero = meta.float().view(n_groups, 2).unbind(-1)
     assert torch.equal(scale.double(), s) and torch.equal(zero.double(), z), "meta must be (scale, zero) per group"
     assert torch.equal(arkv.Int4.dequantize(payload, meta), x)
-    # packing: element 2i in the low nibble, 2i + 1 in the high one
-    codes = q.view(rows, D)
-    assert torch.equal(payload, (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8))
+    # packing: byte j of a group holds its element j in the low nibble, j + 16 in the high one
+    codes = q.view(rows, D // 32, 32)
+    assert torch.equal(payload, (codes[..., :16] | (codes[..., 16:] << 4)).flatten(1).to(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
