@@ -282,8 +282,8 @@ def window_probabilities(q: Tensor, keys: Tensor, query_pos: Tensor, key_pos: Te
     key_pos [B, Hkv, T] (-1: no token) -> [B, Hkv, G, W, T] (float32)."""
     B, H, W, D = q.shape
     n_kv_heads = keys.shape[1]
-    q_win = q.reshape(B, n_kv_heads, H // n_kv_heads, W, D)  # [B, Hkv, G, W, D]
-    scores = (q_win.float() @ keys.float().transpose(-1, -2)[:, :, None]) * D**-0.5  # [B, Hkv, G, W, T]
+    q_win = q.reshape(B, n_kv_heads, H // n_kv_heads * W, D)  # [B, Hkv, G * W, D]
+    scores = (q_win.float() @ keys.float().transpose(-1, -2)).unflatten(2, (-1, W)) * D**-0.5  # [B, Hkv, G, W, T]
     hidden = (key_pos[:, :, None, :] > query_pos[:, None]) | (key_pos[:, :, None, :] < 0)  # [B, Hkv, W, T]
     return torch.softmax(scores.masked_fill(hidden[:, :, None], -torch.inf), dim=-1)
 
