@@ -660,6 +660,9 @@ def run(opts, argv: list[str]):
                 budget = key[1]
                 group_rows = [row for row in todo if row.prompt in records and row.budget == budget
                               and row.method in group_methods]
+                # one method and mode per batch where the rows allow: a batch reads the largest Quantized
+                # region among its rows, which an eviction-only row beside quantizing ones would pay for
+                group_rows.sort(key=lambda row: (group_methods.index(row.method), row.mode))
                 arena = None if budget is None else budget_tokens(budget, longest, notes)
                 for b in range(0, len(group_rows), opts.batch_size):
                     batch = group_rows[b:b + opts.batch_size]
