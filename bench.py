@@ -63,7 +63,7 @@ def sync(device: torch.device):
 
 def timed(fn, *args):
     """(fn(*args), seconds), the device synchronised."""
-    device = args[0].output.weight.device
+    device = args[0].tok_embeddings.weight.device
     start = time.perf_counter()
     out = fn(*args)
     sync(device)

@@ -6,10 +6,14 @@ The output folder holds `model.safetensors` (this project's parameter names, q/k
     python convert.py path/to/hf_folder            # config.json + *.safetensors (+ index)
     python convert.py path/to/model.gguf           # Llama-architecture GGUF, dequantized to float32
     python convert.py --repo Qwen/Qwen3-0.6B       # download with huggingface-hub first
+    python convert.py SOURCE --quantize int8        # weight-only int8 projections (model.Int8Linear)
+
+SOURCE may also be a folder this script wrote, to quantize it without converting again.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -104,8 +108,10 @@ def state_problem(args: ModelArgs, state: dict[str, torch.Tensor], sizes_from: s
     unexpected names, a shape other than `args` implies (`sizes_from` names where the sizes come
     from), a non-floating-point dtype; None if they match."""
     with torch.device("meta"):
-        expected = {name: t.shape for name, t in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
+        reference = Transformer(args).state_dict()
+    expected = {name: t.shape for name, t in reference.items()}
+    dtypes = {name: t.dtype for name, t in reference.items()}
+    if args.tie_embeddings and args.weight_quant == "none":
         expected.pop("output.weight")
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -116,9 +122,11 @@ def state_problem(args: ModelArgs, state: dict[str, torch.Tensor], sizes_from: s
         name = wrong[0]
         return (f"tensor {name} has shape {list(state[name].shape)}; {sizes_from} gives {list(expected[name])} "
                 f"({len(wrong)} of {len(state)} tensors disagree: the sizes in {sizes_from} do not match the weights)")
-    not_float = [name for name, t in state.items() if not t.is_floating_point()]
-    if not_float:
-        return f"tensor {not_float[0]} is {state[not_float[0]].dtype}; expected floating-point weights"
+    for name, t in state.items():
+        if dtypes[name] == torch.int8 and t.dtype != torch.int8:
+            return f"tensor {name} is {t.dtype}; expected int8 (model_args.json says weight_quant {args.weight_quant})"
+        if dtypes[name] != torch.int8 and not t.is_floating_point():
+            return f"tensor {name} is {t.dtype}; expected floating-point weights"
     return None
 
 
@@ -144,7 +152,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "expected complete Hugging Face weights (a truncated download?)") from None
 
 
-def convert_hf(src: Path, out: Path) -> ModelArgs:
+def convert_hf(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
     """Hugging Face folder (config.json, one or many *.safetensors) -> our layout in `out`."""
     config_path = src / "config.json"
     if not config_path.is_file():
@@ -187,14 +195,14 @@ def convert_hf(src: Path, out: Path) -> ModelArgs:
     problem = state_problem(args, state, "config.json")
     if problem:
         raise ConversionError(f"{src}: {problem}")
-    write(out, args, state)
+    args = write(out, args, state, weight_quant)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
     return args
 
 
-def convert_gguf(path: Path, out: Path) -> ModelArgs:
+def convert_gguf(path: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
     """Llama-architecture GGUF -> our layout: weights dequantized to float32, llama.cpp's q/k row
     permutation undone, tokenizer metadata written back as Hugging Face tokenizer files."""
     import gguf  # only needed for this path
@@ -258,7 +266,7 @@ def convert_gguf(path: Path, out: Path) -> ModelArgs:
     if problem:
         raise ConversionError(f"{path}: {problem}")
     write_gguf_tokenizer(path, meta, out)  # first: model_args.json, written last, marks a finished conversion
-    write(out, args, state)
+    args = write(out, args, state, weight_quant)
     return args
 
 
@@ -308,14 +316,63 @@ def write_gguf_tokenizer(path: Path, meta: dict, out: Path):
         raise ConversionError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
 
 
-def write(out: Path, args: ModelArgs, state: dict[str, torch.Tensor]):
-    """model.safetensors, then model_args.json (its presence marks a finished conversion)."""
+def write(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], weight_quant: str = "none") -> ModelArgs:
+    """model.safetensors, then model_args.json (its presence marks a finished conversion); the
+    projections quantized first with `weight_quant` "int8". Returns the arguments written."""
+    if weight_quant == "int8":
+        args, state = quantize_int8_state(args, state)
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: t.contiguous() for name, t in state.items()}, str(out / "model.safetensors"))
         (out / "model_args.json").write_text(json.dumps(args.to_dict(), indent=1))
     except (OSError, SafetensorError) as err:
         raise ConversionError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
+    return args
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (row): s = max|w| / 127 (1 for a zero row),
+    W_q = round(W / s) in [-127, 127], so |W - W_q s| <= s / 2 elementwise.
+    weight [out, in] -> (W_q int8 [out, in], s float32 [out])."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1) / 127
+    scales = torch.where(scales > 0, scales, 1.0)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def quantize_int8_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Every projection (wqkv, wo, w1, w2, w3, output) as int8 + `.scales`; embeddings and norms stay
+    float. With tied embeddings the output gets its own int8 copy of the embedding matrix."""
+    quantized = dataclasses.replace(args, weight_quant="int8")
+    state = dict(state)
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    with torch.device("meta"):
+        int8_names = [name for name, t in Transformer(quantized).state_dict().items() if t.dtype == torch.int8]
+    for name in int8_names:
+        state[name], state[name.removesuffix("weight") + "scales"] = quantize_int8(state[name])
+    return quantized, state
+
+
+def requantize(src: Path, out: Path, weight_quant: str) -> ModelArgs:
+    """A folder this script wrote (float weights) -> the same model quantized in `out`."""
+    from generate import CheckpointError, read_model_args
+
+    try:
+        args = read_model_args(src / "model_args.json")
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
+    if args.weight_quant != "none":
+        raise ConversionError(f"{src}: already quantized ({args.weight_quant}); expected a float checkpoint")
+    state = read_safetensors(src / "model.safetensors")
+    problem = state_problem(args, state, "model_args.json")
+    if problem:
+        raise ConversionError(f"{src / 'model.safetensors'}: {problem}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return write(out, dataclasses.replace(args, name=out.name), state, weight_quant)
 
 
 def download(repo_id: str) -> Path:
@@ -326,11 +383,13 @@ def download(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
-def convert(src: Path, out: Path) -> ModelArgs:
+def convert(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
     if src.is_file() and src.suffix == ".gguf":
-        return convert_gguf(src, out)
+        return convert_gguf(src, out, weight_quant)
+    if src.is_dir() and (src / "model_args.json").is_file() and weight_quant != "none":
+        return requantize(src, out, weight_quant)
     if src.is_dir():
-        return convert_hf(src, out)
+        return convert_hf(src, out, weight_quant)
     raise ConversionError(f"{src}: not a Hugging Face checkpoint folder or a .gguf file")
 
 
@@ -338,18 +397,20 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?", type=Path, help="Hugging Face folder or .gguf file")
     parser.add_argument("--repo", help="Hugging Face Hub repo id to download first")
-    parser.add_argument("--out", type=Path, help="output folder (default: checkpoints/<name>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: checkpoints/<name>, -int8 when quantized)")
+    parser.add_argument("--quantize", choices=["int8"], help="weight-only quantization of every projection")
     opts = parser.parse_args(argv)
     if (opts.source is None) == (opts.repo is None):
         parser.error("give exactly one of SOURCE or --repo")
     src = download(opts.repo) if opts.repo else opts.source
     name = opts.repo.split("/")[-1] if opts.repo else src.stem if src.suffix == ".gguf" else src.resolve().name
-    out = opts.out or Path("checkpoints") / name
+    out = opts.out or Path("checkpoints") / (f"{name}-{opts.quantize}" if opts.quantize else name)
     try:
-        args = convert(src, out)
+        args = convert(src, out, opts.quantize or "none")
     except (ConversionError, ValueError, OSError) as err:  # OSError: an unreadable source, an unwritable --out
         sys.exit(f"convert.py: {err}")
-    print(f"wrote {out}: {args.n_layer} layers, dim {args.dim}, {args.n_head}/{args.n_kv_heads} heads, head_dim {args.head_dim}")
+    print(f"wrote {out}: {args.n_layer} layers, dim {args.dim}, {args.n_head}/{args.n_kv_heads} heads, head_dim {args.head_dim}"
+          + ("" if args.weight_quant == "none" else f", {args.weight_quant} weights"))
 
 
 if __name__ == "__main__":

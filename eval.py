@@ -213,7 +213,7 @@ def record_prefill(model, ids: list[int], cuts: list[int], pool_kernel: int = AR
     config = ARKVConfig(kv_budget=WINDOW, window=WINDOW, pool_kernel=pool_kernel)
     recorders = [PrefillRecorder(config, cuts) for _ in model.layers]
     model.setup_caches(1, len(ids), lambda layer, *_: recorders[layer])
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     logits = model(torch.tensor([ids], device=device), torch.arange(len(ids), device=device), last_only=True)
     return {cut: [r.pendings[cut] for r in recorders] for cut in cuts}, logits
 
@@ -229,7 +229,7 @@ def load_prefill(model, pendings: list[dict], max_seq_len: int, config: ARKVConf
                  kv_dtype: torch.dtype | None = None) -> ARKV | None:
     """Fresh one-row caches for `max_seq_len` tokens (full, or ARKV/baseline by `config`), K/V stored in `kv_dtype`
     (default: the model's), holding a recorded prefill; ARKV compresses it. Returns the ARKV manager (None: full)."""
-    kv_dtype = kv_dtype or model.output.weight.dtype
+    kv_dtype = kv_dtype or model.tok_embeddings.weight.dtype
     manager = ARKV(config, model.args, kv_dtype) if config else None
     model.setup_caches(1, max_seq_len, manager.cache_factory if manager else full_cache, kv_dtype)
     for layer, pending in zip(model.layers, pendings):
@@ -260,7 +260,7 @@ def prepare_row(model, row: Row, record: tuple[list[dict], Tensor], attention: s
     question then goes in as a prefill chunk over what the cache holds, and the cache is compressed again. A full
     cache is sized for `cache_len` tokens, one size for every sample (one compiled shape); an ARKV arena depends on
     the budget only, and ARKV reads the sequence length from the size."""
-    prompt, device = row.prompt, model.output.weight.device
+    prompt, device = row.prompt, model.tok_embeddings.weight.device
     pendings, logits = record
     tokens_budget = None if row.budget is None else budget_tokens(row.budget, prompt.length, notes)
     config = None if row.budget is None else arkv_config(row.method, tokens_budget, attention, pool_kernel)
@@ -290,7 +290,7 @@ def decode_rows(model, rows: list[Row], prepared: list[Prepared], tokenizer, kv_
     positions. A finished row is reported at once (token states and bytes measured from its cache, then) and stays
     at its position until every row is done. With `pad_to`, copies of the last row fill the batch to that size
     (one shape for a compiled step; their tokens are dropped). Returns each row's new tokens and report."""
-    device, n_rows = model.output.weight.device, len(rows)
+    device, n_rows = model.tok_embeddings.weight.device, len(rows)
     rows = rows + [rows[-1]] * (pad_to - len(rows))
     prepared = prepared + [prepared[-1]] * (pad_to - len(prepared))
     B, manager = len(rows), None

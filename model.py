@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+WEIGHT_QUANT = ("none", "int8")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ModelArgs:
     qk_norm: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048
+    weight_quant: str = "none"  # "int8": every projection weight-only int8 (`Int8Linear`; convert.py --quantize)
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -43,6 +45,8 @@ class ModelArgs:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if self.weight_quant not in WEIGHT_QUANT:
+            raise ValueError(f"unsupported weight_quant {self.weight_quant!r}; supported: {', '.join(WEIGHT_QUANT)}")
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str = "") -> "ModelArgs":
@@ -150,8 +154,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
+        self.output = linear(args.dim, args.vocab_size, args)
+        if args.tie_embeddings and args.weight_quant == "none":  # quantized, the output keeps its own int8 copy
             self.output.weight = self.tok_embeddings.weight
         self.max_seq_len = -1
 
@@ -162,7 +166,7 @@ class Transformer(nn.Module):
         shape for every prompt, so nothing recompiles)."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model context {self.args.max_seq_len}")
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight  # the model's device and dtype (never quantized)
         with torch.device(weight.device):
             for i, layer in enumerate(self.layers):
                 layer.attention.kv_cache = cache_factory(i, self.args, batch_size, max_seq_len, kv_dtype or weight.dtype)
@@ -208,8 +212,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_head, self.n_kv_heads, self.head_dim = args.n_head, args.n_kv_heads, args.head_dim
-        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_heads) * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.wqkv = linear(args.dim, (args.n_head + 2 * args.n_kv_heads) * args.head_dim, args)
+        self.wo = linear(args.n_head * args.head_dim, args.dim, args)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.kv_cache: nn.Module | None = None
@@ -235,12 +239,38 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w1 = linear(args.dim, args.intermediate_size, args)
+        self.w3 = linear(args.dim, args.intermediate_size, args)
+        self.w2 = linear(args.intermediate_size, args.dim, args)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def linear(in_features: int, out_features: int, args: ModelArgs) -> nn.Module:
+    """A bias-free projection: nn.Linear, or `Int8Linear` in an int8 checkpoint."""
+    if args.weight_quant == "int8":
+        return Int8Linear(in_features, out_features)
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8, per output channel (gpt-fast's quantize.py): W ~ W_q s[:, None] with W_q int8
+    [out, in] and s float32 [out], so y = (x W_q^T) s. A step reads a quarter of float32's weight bytes.
+    On the CPU through PyTorch's int8 weight kernel (`torch._weight_int8pack_mm`, which converts the
+    bytes as it multiplies); elsewhere the weight cast to x's dtype, which the compiler fuses."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scales = self.scales.to(x.dtype)
+        if x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, scales)  # [B * S, out]
+            return y.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(x.dtype)) * scales
 
 
 class RMSNorm(nn.Module):

@@ -78,7 +78,9 @@ def shard(model: Transformer) -> Transformer:
         sizes = [n for n in range(1, args.n_kv_heads + 1) if args.n_kv_heads % n == 0]
         raise ValueError(f"tensor parallelism: {world} ranks do not divide the model's {args.n_kv_heads} KV heads "
                          f"(each rank holds whole KV heads); run --nproc-per-node {' or '.join(map(str, sizes))}")
-    init_process_group(model.output.weight.device)
+    if args.weight_quant != "none":
+        raise ValueError(f"tensor parallelism: {args.weight_quant} weights are not sharded; run the float checkpoint")
+    init_process_group(model.tok_embeddings.weight.device)
     for block in model.layers:
         shard_attention(block.attention, world)
         shard_feed_forward(block.feed_forward)
