@@ -14,6 +14,14 @@
 4. KV bytes allocated (from the tensors) and peak memory (CUDA: max allocated; CPU: peak RSS of
    the process above its RSS once the model is loaded, Linux /proc).
 5. With --transformers: our full-cache decode vs transformers' generate on the same GGUF weights.
+6. The bound: the machine's read bandwidth (a 1 GiB tensor summed, best of 5) and, for every decode
+   row, the bytes a step must read (every projection weight once, plus the live K/V bytes), the
+   roofline tokens/s that bandwidth allows, and the fraction reached.
+7. With --quantize int8: the same decode rows for weight-only int8 (convert.py --quantize int8,
+   made from --checkpoint into <checkpoint>-int8 on first use) beside the float ones.
+8. With --profile: the compiled decode step of full and arkv after the longest prompt under
+   torch.profiler, its kernels' time per step grouped by what they do (names of fused kernels;
+   on the CPU the kernels then record themselves, which the run's rates include).
 
 Prints a table and writes every figure, and the exact command, as JSON (--out).
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -29,6 +38,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
 
 from arkv import ARKV, ARKVConfig
 from eval import load_prefill, prefill_once
@@ -84,6 +94,69 @@ def decode_rate(step, model, first: torch.Tensor, seq_len: int, steps: int) -> t
     return times[0], steps / sum(times[1:])
 
 
+def read_bandwidth(device: torch.device) -> float:
+    """Bytes/s of reading a 1 GiB float32 tensor once (a sum), best of 5."""
+    data = torch.ones(2**28, device=device)
+    best = math.inf
+    for _ in range(6):  # the first one warms up
+        start = time.perf_counter()
+        float(data.sum())
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every tensor a decode step reads in full: the projections (and their int8 scales),
+    the norms and the output head; not the embedding table (one row per token) unless the output
+    head is the embedding table (tied, float)."""
+    seen, total = set(), 0
+    tied = model.output.weight is model.tok_embeddings.weight
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.data_ptr() in seen or (name == "tok_embeddings.weight" and not tied):
+            continue
+        seen.add(t.data_ptr())
+        total += t.nbytes
+    return total
+
+
+def live_kv_bytes(model, manager, length: int) -> int:
+    """K/V bytes a step must read: the held ones (ARKV's report) or every position of the full cache."""
+    if manager:
+        return manager.report(length)["held_bytes"]
+    cache = model.layers[0].attention.kv_cache
+    per_token = 2 * cache.k_cache.shape[1] * cache.k_cache.shape[3] * cache.k_cache.element_size()
+    return len(model.layers) * length * per_token
+
+
+PROFILE_CATEGORIES = (  # first match on a kernel's name; inductor names fused kernels after their ops
+    ("projections (weight reads)", ("aten::mm", "aten::addmm", "weight_int8pack", "aten::linear")),
+    ("demotion search (argmin)", ("argmin",)),
+    ("placement (arena writes)", ("index_put",)),
+    ("attention with int4 dequantization", ("rshift", "bitwise_and", "__and__")),
+    ("attention", ("softmax", "aten::bmm", "_amax", "exp")),
+)
+
+
+def step_profile(step, model, caches: list, first: torch.Tensor, seq_len: int, steps: int) -> dict:
+    """ms per decode step by PROFILE_CATEGORIES (else "the rest"), from torch.profiler's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    use_caches(model, caches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if first.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        decode_rate(step, model, first, seq_len, steps)
+    totals = {name: 0.0 for name, _ in PROFILE_CATEGORIES} | {"the rest": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kernel = name.startswith(("cpp_fused", "triton_", "aten::mm", "aten::addmm", "aten::bmm", "aten::_weight"))
+        if not kernel:
+            continue
+        seconds = (event.self_device_time_total if first.device.type == "cuda" else event.self_cpu_time_total) / 1e6
+        category = next((c for c, keys in PROFILE_CATEGORIES if any(k in name for k in keys)), "the rest")
+        totals[category] += seconds
+    return {category: 1000 * seconds / (steps + 1) for category, seconds in totals.items()}
+
+
 def model_caches(model) -> list:
     """The caches the model's layers hold now."""
     return [layer.attention.kv_cache for layer in model.layers]
@@ -95,15 +168,15 @@ def use_caches(model, caches: list):
         layer.attention.kv_cache = cache
 
 
-def interleaved_rates(decode_steps: dict, model, first: torch.Tensor, runs: dict, steps: int, rounds: int) -> dict:
-    """runs[name] = (caches, sequence length) -> {name: (first step seconds, median tokens/s over
-    `rounds` rounds of `steps` steps)}. The runs take turns within each round, so that a slow patch
-    of a shared machine slows all of them rather than one; decode_steps[name before any '@'] is its
-    compiled step. Every round restarts at the sequence length on the state the last one left: the
-    shapes, hence the cost, are the same."""
+def interleaved_rates(decode_steps: dict, first: torch.Tensor, runs: dict, steps: int, rounds: int) -> dict:
+    """runs[name] = (model, caches, sequence length) -> {name: (first step seconds, median tokens/s
+    over `rounds` rounds of `steps` steps)}. The runs take turns within each round, so that a slow
+    patch of a shared machine slows all of them rather than one; decode_steps[name before any '@']
+    is its compiled step. Every round restarts at the sequence length on the state the last one
+    left: the shapes, hence the cost, are the same."""
     first_step, rates = {}, {name: [] for name in runs}
     for _ in range(rounds):
-        for name, (caches, seq_len) in runs.items():
+        for name, (model, caches, seq_len) in runs.items():
             use_caches(model, caches)
             seconds, rate = decode_rate(decode_steps[name.partition("@")[0]], model, first, seq_len, steps)
             first_step.setdefault(name, seconds)
@@ -216,6 +289,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--prefill-chunk", type=positive_int, default=512)
     parser.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--transformers", action="store_true", help="also time transformers' generate (default model only)")
+    parser.add_argument("--quantize", choices=["int8"], help="also decode with weight-only int8 (convert.py --quantize)")
+    parser.add_argument("--profile", action="store_true", help="per-step kernel time of full and arkv by category")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "bench.json")
     parser.add_argument("--job", choices=["full", "arkv", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--length", type=positive_int, help=argparse.SUPPRESS)
@@ -233,52 +308,87 @@ def kv_dtype_of(opts) -> torch.dtype:
     return DTYPES[opts.dtype if opts.kv_dtype == "auto" else opts.kv_dtype]
 
 
+def quantized_checkpoint(checkpoint: Path, weight_quant: str) -> Path:
+    """<checkpoint>-<weight_quant>, written by convert.py's requantize on first use."""
+    from convert import ConversionError, requantize
+
+    out = checkpoint.with_name(f"{checkpoint.name}-{weight_quant}")
+    if not (out / "model_args.json").is_file():
+        try:
+            requantize(checkpoint, out, weight_quant)
+        except ConversionError as err:
+            raise CheckpointError(str(err)) from None
+    return out
+
+
 def run(opts):
     started = time.perf_counter()
     device, dtype, kv_dtype = resolve_device(opts.device), DTYPES[opts.dtype], kv_dtype_of(opts)
     checkpoint = opts.checkpoint or default_checkpoint()
-    model = load_model(checkpoint, device, dtype)
+    weights = {opts.dtype: checkpoint}
+    if opts.quantize:
+        weights[opts.quantize] = quantized_checkpoint(checkpoint, opts.quantize)
+    models = {name: load_model(path, device, dtype) for name, path in weights.items()}
+    model = models[opts.dtype]
     longest = max(opts.lengths)
     if longest + opts.steps + 2 > model.args.max_seq_len:
         raise CheckpointError(f"--lengths {longest}: the model context is {model.args.max_seq_len}")
     ids = prompt_tokens(load_tokenizer(checkpoint), longest)
+    bandwidth = read_bandwidth(device)
     attention = resolve_attention(opts.attention, device)
     configs = {"full": None,
                "arkv": ARKVConfig(kv_budget=opts.kv_budget, attention=attention),
                "evict": ARKVConfig(kv_budget=opts.kv_budget, method="evict", attention=attention)}
     mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if opts.profile:  # the CPU kernels that inductor writes then record themselves (the rows' rates include that)
+        inductor_config.cpp.enable_kernel_profile = True
     # static shapes: dynamic=True would make the blocks' float constants symbolic, which a nested
     # compile region does not take; each full-cache size compiles once (about 12 s on this CPU)
-    decode_steps = {name: torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False) for name in configs}
+    decode_steps = {f"{name}:{w}": torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False)
+                    for name in configs for w in models}
     counters.clear()
-    decode, equal, equal_rate = [], None, None
+    decode, equal, equal_rate, profiles = [], None, None, {}
     for length in sorted(opts.lengths):
-        (pendings, logits), _ = timed(prefill_once, model, ids[:length])
-        first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
         runs, rows = {}, {}
-        for name, config in configs.items():
-            manager, compress_seconds = timed(load_prefill, model, pendings, length + opts.steps + 2, config, kv_dtype)
-            rows[name] = dict(method=name, length=length, load_and_compress_s=compress_seconds, kv_bytes=model.cache_nbytes())
-            if manager:
-                report = manager.report(length)
-                held = report["original"] + report["quantized"]
-                rows[name].update(original=report["original"], quantized=report["quantized"], evicted=report["evicted"],
-                                  full_bytes=report["full_bytes"],
-                                  live_tokens=held / (model.args.n_layer * model.args.n_kv_heads))
-            runs[name] = (model_caches(model), length)
-        del pendings
+        for w, weights_model in models.items():
+            (pendings, logits), _ = timed(prefill_once, weights_model, ids[:length])
+            if w == opts.dtype:  # every run decodes from the float model's next token (its cost does not depend on it)
+                first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+            step_weights = weight_bytes(weights_model)
+            for name, config in configs.items():
+                manager, compress_seconds = timed(load_prefill, weights_model, pendings, length + opts.steps + 2, config,
+                                                  kv_dtype)
+                row = dict(method=name, weights=w, length=length, load_and_compress_s=compress_seconds,
+                           kv_bytes=weights_model.cache_nbytes(), weight_bytes=step_weights,
+                           step_bytes=step_weights + live_kv_bytes(weights_model, manager, length))
+                if manager:
+                    report = manager.report(length)
+                    held = report["original"] + report["quantized"]
+                    row.update(original=report["original"], quantized=report["quantized"], evicted=report["evicted"],
+                               full_bytes=report["full_bytes"],
+                               live_tokens=held / (model.args.n_layer * model.args.n_kv_heads))
+                rows[f"{name}:{w}"] = row
+                runs[f"{name}:{w}"] = (weights_model, model_caches(weights_model), length)
+            del pendings
         if length == longest:  # bookkeeping: a full cache holding as many tokens as ARKV keeps live
-            equal = round(rows["arkv"]["live_tokens"])  # (it decodes from this prompt's first token too)
+            equal = round(rows[f"arkv:{opts.dtype}"]["live_tokens"])  # (it decodes from this prompt's first token too)
             load_prefill(model, prefill_once(model, ids[:equal])[0], equal + opts.steps + 2, None, kv_dtype)
-            runs["full@live"] = (model_caches(model), equal)
-        rates = interleaved_rates(decode_steps, model, first, runs, opts.steps, opts.rounds)
+            runs[f"full:{opts.dtype}@live"] = (model, model_caches(model), equal)
+        rates = interleaved_rates(decode_steps, first, runs, opts.steps, opts.rounds)
         for name, row in rows.items():
-            row.update(first_step_s=rates[name][0], tokens_per_s=rates[name][1])
+            row.update(first_step_s=rates[name][0], tokens_per_s=rates[name][1],
+                       roofline_tokens_per_s=bandwidth / row["step_bytes"])
+            row["roofline_fraction"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
             decode.append(row)
-            print(f"decode {name:5s} after {length:5d} tokens: {row['tokens_per_s']:6.2f} tokens/s (median of "
-                  f"{opts.rounds}; first step {row['first_step_s']:.1f} s)", file=sys.stderr)
+            print(f"decode {name:14s} after {length:5d} tokens: {row['tokens_per_s']:6.2f} tokens/s (median of "
+                  f"{opts.rounds}; first step {row['first_step_s']:.1f} s; {row['roofline_fraction']:.0%} of the "
+                  f"roofline)", file=sys.stderr)
         if length == longest:
-            equal_rate = rates["full@live"][1]
+            equal_rate = rates[f"full:{opts.dtype}@live"][1]
+            if opts.profile:
+                for name in ("full", "arkv"):
+                    key = f"{name}:{opts.dtype}"
+                    profiles[name] = step_profile(decode_steps[key], *runs[key][:2], first, length, opts.steps)
         del runs
     graphs = counters["stats"]["unique_graphs"]
     jobs = [(job, length) for length in sorted(opts.lengths) for job in ("full", "chunked")] + [("arkv", longest)]
@@ -286,9 +396,12 @@ def run(opts):
     extra = {}
     if opts.transformers:
         extra["transformers_tokens_per_s"] = transformers_rate(opts, ids[:min(opts.lengths)], opts.steps)
+    if profiles:
+        extra["profile_ms_per_step"] = profiles
     result = dict(command=" ".join(["python", *sys.argv]), device=str(device), dtype=opts.dtype,
-                  kv_dtype=str(kv_dtype).removeprefix("torch."), kv_budget=opts.kv_budget,
-                  attention=attention, decode=decode, bookkeeping=dict(live_tokens=equal, full_tokens_per_s=equal_rate),
+                  kv_dtype=str(kv_dtype).removeprefix("torch."), kv_budget=opts.kv_budget, attention=attention,
+                  read_bandwidth_bytes_per_s=bandwidth, n_layer=model.args.n_layer, decode=decode,
+                  bookkeeping=dict(live_tokens=equal, full_tokens_per_s=equal_rate),
                   prefill=prefill, compiled_graphs=graphs, seconds=time.perf_counter() - started, **extra)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(result, indent=1))
@@ -296,29 +409,45 @@ def run(opts):
 
 
 def print_table(result: dict, longest: int, shortest: int):
-    rate = {(row["method"], row["length"]): row for row in result["decode"]}
+    rate = {(row["method"], row["weights"], row["length"]): row for row in result["decode"]}
+    float_weights = result["dtype"]
     mib = 2**20
-    print(f"\n{result['device']}, {result['dtype']} compute, {result['kv_dtype']} K/V, --kv-budget {result['kv_budget']}, attention {result['attention']}\n")
-    print("| prompt | full tok/s | arkv tok/s | evict tok/s | arkv / full | evict / full | KV MiB full / arkv | arkv O / Q / E |")
-    print("|---|---|---|---|---|---|---|---|")
-    for length in sorted({row["length"] for row in result["decode"]}):
-        full, arkv, evict = rate[("full", length)], rate[("arkv", length)], rate[("evict", length)]
+    print(f"\n{result['device']}, {result['dtype']} compute, {result['kv_dtype']} K/V, --kv-budget {result['kv_budget']}, "
+          f"attention {result['attention']}; read bandwidth {result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s\n")
+    print("| weights | prompt | full tok/s (% roofline) | arkv tok/s (% roofline) | evict tok/s | arkv / full | "
+          "evict / full | KV MiB full / arkv | arkv O / Q / E |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for weights, length in sorted({(row["weights"], row["length"]) for row in result["decode"]}, key=lambda k: (k[0] != float_weights, k[1])):
+        full, arkv, evict = (rate[(name, weights, length)] for name in ("full", "arkv", "evict"))
         total = arkv["original"] + arkv["quantized"] + arkv["evicted"]
-        print(f"| {length} | {full['tokens_per_s']:.2f} | {arkv['tokens_per_s']:.2f} | {evict['tokens_per_s']:.2f} | "
+        print(f"| {weights} | {length} | {full['tokens_per_s']:.2f} ({full['roofline_fraction']:.0%}) | "
+              f"{arkv['tokens_per_s']:.2f} ({arkv['roofline_fraction']:.0%}) | {evict['tokens_per_s']:.2f} | "
               f"{arkv['tokens_per_s'] / full['tokens_per_s']:.2f}x | {evict['tokens_per_s'] / full['tokens_per_s']:.2f}x | "
               f"{full['kv_bytes'] / mib:.1f} / {arkv['kv_bytes'] / mib:.1f} ({arkv['kv_bytes'] / full['kv_bytes']:.3f}) | "
               f"{arkv['original'] / total:.1%} / {arkv['quantized'] / total:.1%} / {arkv['evicted'] / total:.1%} |")
+    full_row = rate[("full", float_weights, shortest)]
+    print(f"\nroofline = read bandwidth / bytes a step must read; after {shortest} tokens, full {float_weights}: "
+          f"{full_row['weight_bytes'] / mib:.0f} MiB of weights + {(full_row['step_bytes'] - full_row['weight_bytes']) / mib:.0f} "
+          f"MiB of K/V -> {full_row['roofline_tokens_per_s']:.1f} tok/s")
+    for weights in sorted({row["weights"] for row in result["decode"]} - {float_weights}):
+        ratio = rate[("full", weights, shortest)]["tokens_per_s"] / full_row["tokens_per_s"]
+        arkv_ratio = rate[("arkv", weights, longest)]["tokens_per_s"] / rate[("full", weights, longest)]["tokens_per_s"]
+        print(f"{weights} weights: full after {shortest} tokens {ratio:.2f}x the {float_weights} full cache; "
+              f"arkv / full after {longest} tokens {arkv_ratio:.2f}x")
     book = result["bookkeeping"]
-    arkv_rate = rate[("arkv", longest)]["tokens_per_s"]
-    print(f"\nbookkeeping: arkv after {longest} tokens holds {book['live_tokens']} live tokens per layer and KV head; "
+    arkv_rate = rate[("arkv", float_weights, longest)]["tokens_per_s"]
+    print(f"bookkeeping: arkv after {longest} tokens holds {book['live_tokens']} live tokens per layer and KV head; "
           f"full holding {book['live_tokens']}: {book['full_tokens_per_s']:.2f} tok/s vs arkv {arkv_rate:.2f} tok/s: "
           f"arkv step costs {book['full_tokens_per_s'] / arkv_rate - 1:+.1%}")
-    print(f"compiled decode graphs: {result['compiled_graphs']} (arkv 1, evict 1, full 1 per cache size: "
-          f"{len(rate) // 3 + 1})")
+    print(f"compiled decode graphs: {result['compiled_graphs']} (arkv 1, evict 1, full 1 per cache size, per weights)")
     if "transformers_tokens_per_s" in result:
-        ours = rate[("full", shortest)]["tokens_per_s"]
+        ours = full_row["tokens_per_s"]
         print(f"transformers generate after {shortest} tokens: {result['transformers_tokens_per_s']:.2f} tok/s; "
               f"ours (full, compiled) {ours:.2f}: {ours / result['transformers_tokens_per_s']:.2f}x")
+    for name, categories in result.get("profile_ms_per_step", {}).items():
+        total = sum(categories.values())
+        parts = ", ".join(f"{c} {ms:.1f} ({ms / result['n_layer']:.2f} per layer)" for c, ms in categories.items() if ms)
+        print(f"profile {name} after {longest} tokens, ms per step: {total:.1f} = {parts}")
     print("\n| prompt | prefill | seconds | vs plain | peak memory above model (MiB) | max KV held (MiB) |")
     print("|---|---|---|---|---|---|")
     jobs = {(job["job"], job["length"]): job for job in result["prefill"]}

@@ -248,17 +248,27 @@ class FeedForward(nn.Module):
 
 
 def linear(in_features: int, out_features: int, args: ModelArgs) -> nn.Module:
-    """A bias-free projection: nn.Linear, or `Int8Linear` in an int8 checkpoint."""
+    """A bias-free projection: `Linear`, or `Int8Linear` in an int8 checkpoint."""
     if args.weight_quant == "int8":
         return Int8Linear(in_features, out_features)
-    return nn.Linear(in_features, out_features, bias=False)
+    return Linear(in_features, out_features)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias; in a compiled CPU decode step, `matvec`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return matvec(x, self.weight) if decode_rows(x) else F.linear(x, self.weight)
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8, per output channel (gpt-fast's quantize.py): W ~ W_q s[:, None] with W_q int8
-    [out, in] and s float32 [out], so y = (x W_q^T) s. A step reads a quarter of float32's weight bytes.
-    On the CPU through PyTorch's int8 weight kernel (`torch._weight_int8pack_mm`, which converts the
-    bytes as it multiplies); elsewhere the weight cast to x's dtype, which the compiler fuses."""
+    [out, in] and s float32 [out], so y = (x W_q^T) s. A decode step reads a quarter of float32's
+    weight bytes: compiled on the CPU, `matvec` converts each int8 weight as it streams past; else
+    the weight is cast to x's dtype first (which the compiler fuses on CUDA)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -266,11 +276,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        scales = self.scales.to(x.dtype)
-        if x.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, scales)  # [B * S, out]
-            return y.view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight.to(x.dtype)) * scales
+        product = matvec(x, self.weight) if decode_rows(x) else F.linear(x, self.weight.to(x.dtype))
+        return product * self.scales.to(x.dtype)
+
+
+def decode_rows(x: Tensor) -> bool:
+    """A compiled CPU step over a few rows of x [..., in] (a decode step of up to 16 sequences)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= 16
+
+
+def matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., in] . weight [out, in] -> [..., out] as a product summed over `in`: compiled, one fused
+    loop that streams the weight (converted to x's dtype as it is read) at about the machine's read
+    bandwidth. Measured on a 2-core CPU, SmolLM2's 30 layers + output head, one row: 15.6 ms in
+    float32 against 37.6 ms for the matmul library's matrix-vector product, 5.5 ms from int8 weights."""
+    return (x[..., None, :] * weight.to(x.dtype)).sum(-1)  # [..., out, in] summed over in
 
 
 class RMSNorm(nn.Module):

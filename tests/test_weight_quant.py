@@ -102,3 +102,26 @@ def test_smollm2_int8_agrees_with_float32(smollm2_checkpoint, tmp_path, capsys):
     agreement = (predicted == torch.tensor(tokens)).float().mean().item()
     print(f"int8 vs float32 greedy agreement: {agreement:.3f}")
     assert agreement >= 0.95
+
+
+@pytest.mark.parametrize("weight_quant", ["none", "int8"])
+def test_compiled_decode_projections_equal_eager(tmp_path, weight_quant):
+    """A compiled decode step on the CPU multiplies by `model.matvec` (a product summed), eager by a
+    matmul: the logits of one step agree within float32 round-off, float and int8 weights."""
+    model = hf_model("llama", dict(num_key_value_heads=2, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "hf")
+    convert_hf(tmp_path / "hf", tmp_path / "float")
+    checkpoint = tmp_path / "float"
+    if weight_quant == "int8":
+        requantize(checkpoint, tmp_path / "int8", "int8")
+        checkpoint = tmp_path / "int8"
+    ours = load_model(checkpoint, "cpu", torch.float32)
+    ours.setup_caches(2, 16)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))
+    step = torch.compile(lambda idx, pos: ours(idx, pos), fullgraph=True)
+    with torch.no_grad():
+        ours(prompt, torch.arange(8))
+        token, pos = prompt[:, -1:], torch.tensor([[8], [8]])
+        eager = ours(token, pos)
+        compiled = step(token, pos)
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
