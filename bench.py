@@ -340,6 +340,8 @@ def run(opts):
                "arkv": ARKVConfig(kv_budget=opts.kv_budget, attention=attention),
                "evict": ARKVConfig(kv_budget=opts.kv_budget, method="evict", attention=attention)}
     mode = "reduce-overhead" if device.type == "cuda" else "default"
+    for limit in ("recompile_limit", "accumulated_recompile_limit"):  # graphs: cache sizes x weights x methods
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     if opts.profile:  # the CPU kernels that inductor writes then record themselves (the rows' rates include that)
         inductor_config.cpp.enable_kernel_profile = True
     # static shapes: dynamic=True would make the blocks' float constants symbolic, which a nested
