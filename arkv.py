@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from model import ModelArgs
+from model import ModelArgs, scores_against, weighted_sum
 
 METHODS = ("arkv", "evict", "quant", "streaming", "h2o")
 OQ_POLICIES = ("paper", "coverage")
@@ -892,27 +892,6 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
                        for v in v_parts])  # [B, Hkv, G, D]
     probs = torch.cat([probs[..., :N], probs.new_zeros(B, n_kv_heads, G, first), probs[..., N:]], dim=-1)  # [B, Hkv, G, N + M]
     return y.to(q.dtype).view(B, H, 1, D), probs
-
-
-def scores_against(q: Tensor, keys: Tensor) -> Tensor:
-    """q [B, Hkv, G, *C] . keys [B, Hkv, T, *C] -> [B, Hkv, G, T], summed over the channels C (D, or
-    a format's `parts`). Compiled: a product summed one channel dim at a time, which the compiler
-    fuses with the keys' dequantization (a matmul reads a dequantized float copy, written first:
-    2-3x slower on the CPU at 4k tokens, batch 8). Eager: a matmul (the product would be G times
-    the keys' size)."""
-    if torch.compiler.is_compiling():
-        product = q[:, :, :, None] * keys[:, :, None].float()  # [B, Hkv, G, T, *C]
-        while product.dim() > 4:
-            product = product.sum(-1)
-        return product
-    return q.flatten(3) @ keys.float().flatten(3).transpose(-1, -2)
-
-
-def weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
-    """probs [B, Hkv, G, T] . values [B, Hkv, T, *C] -> [B, Hkv, G, *C], fused as `scores_against`."""
-    if torch.compiler.is_compiling():
-        return (probs.view(*probs.shape, *[1] * (values.dim() - 3)) * values[:, :, None]).sum(3)  # [B, Hkv, G, T, *C] summed over T
-    return (probs @ values.flatten(3)).view(*probs.shape[:3], *values.shape[3:])
 
 
 def slot_bound(bound: Tensor, high: int) -> int:

@@ -128,12 +128,14 @@ def live_kv_bytes(model, manager, length: int) -> int:
     return len(model.layers) * length * per_token
 
 
-PROFILE_CATEGORIES = (  # first match on a kernel's name; inductor names fused kernels after their ops
+PROFILE_CATEGORIES = (  # first match on a kernel's name; inductor names fused kernels after their ops, and
+    # a fused kernel that spans categories (a whole block of the full cache is one) counts in its first match
     ("projections (weight reads)", ("aten::mm", "aten::addmm", "weight_int8pack", "aten::linear")),
     ("demotion search (argmin)", ("argmin",)),
     ("placement (arena writes)", ("index_put",)),
-    ("attention with int4 dequantization", ("rshift", "bitwise_and", "__and__")),
-    ("attention", ("softmax", "aten::bmm", "_amax", "exp")),
+    ("int4 dequantization with attention", ("rshift", "bitwise_and", "__and__")),
+    ("attention (with the fused projections and norms of its block)", ("softmax", "aten::bmm")),
+    ("projections and norms", ("rsqrt", "silu")),
 )
 
 
@@ -144,8 +146,11 @@ def step_profile(step, model, caches: list, first: torch.Tensor, seq_len: int, s
     use_caches(model, caches)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if first.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         decode_rate(step, model, first, seq_len, steps)
+        wall = time.perf_counter() - start
     totals = {name: 0.0 for name, _ in PROFILE_CATEGORIES} | {"the rest": 0.0}
+    kernels = {}
     for event in prof.key_averages():
         name = event.key.lower()
         kernel = name.startswith(("cpp_fused", "triton_", "aten::mm", "aten::addmm", "aten::bmm", "aten::_weight"))
@@ -154,7 +159,11 @@ def step_profile(step, model, caches: list, first: torch.Tensor, seq_len: int, s
         seconds = (event.self_device_time_total if first.device.type == "cuda" else event.self_cpu_time_total) / 1e6
         category = next((c for c, keys in PROFILE_CATEGORIES if any(k in name for k in keys)), "the rest")
         totals[category] += seconds
-    return {category: 1000 * seconds / (steps + 1) for category, seconds in totals.items()}
+        kernels[event.key] = 1000 * seconds / (steps + 1)
+    top = dict(sorted(kernels.items(), key=lambda item: -item[1])[:12])
+    per_step = {category: 1000 * seconds / (steps + 1) for category, seconds in totals.items()}
+    per_step["outside the kernels (host: Python, launches)"] = 1000 * wall / (steps + 1) - sum(per_step.values())
+    return per_step | {"kernels": top}
 
 
 def model_caches(model) -> list:
@@ -447,6 +456,7 @@ def print_table(result: dict, longest: int, shortest: int):
         print(f"transformers generate after {shortest} tokens: {result['transformers_tokens_per_s']:.2f} tok/s; "
               f"ours (full, compiled) {ours:.2f}: {ours / result['transformers_tokens_per_s']:.2f}x")
     for name, categories in result.get("profile_ms_per_step", {}).items():
+        categories = {c: ms for c, ms in categories.items() if c != "kernels"}
         total = sum(categories.values())
         parts = ", ".join(f"{c} {ms:.1f} ({ms / result['n_layer']:.2f} per layer)" for c, ms in categories.items() if ms)
         print(f"profile {name} after {longest} tokens, ms per step: {total:.1f} = {parts}")

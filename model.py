@@ -114,17 +114,17 @@ class KVCache(nn.Module):
             self.k_cache[rows, :, input_pos[:, 0]] = k[:, :, 0].to(self.k_cache.dtype)  # [B, Hkv, D] per row
             self.v_cache[rows, :, input_pos[:, 0]] = v[:, :, 0].to(self.v_cache.dtype)
             valid = (self.slot_pos <= input_pos)[:, None]  # [B, 1, T]: slots written so far in each row
-            return decode_attention(q, self.k_cache.to(q.dtype), self.v_cache.to(q.dtype), valid)[0]
+            return decode_attention(q, self.k_cache, self.v_cache, valid)[0]
         self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
         if q.shape[2] > 1 and int(input_pos[0]) == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        k_cache, v_cache = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
         if q.shape[2] > 1:  # a later prompt chunk: causal over every slot written so far
             visible = self.slot_pos <= input_pos[:, None]  # [S, T]
-            return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, self.k_cache.to(q.dtype), self.v_cache.to(q.dtype),
+                                                  attn_mask=visible, enable_gqa=True)
         valid = self.slot_pos <= input_pos  # [T]: slots written so far (slot index == position)
-        return decode_attention(q, k_cache, v_cache, valid)[0]
+        return decode_attention(q, self.k_cache, self.v_cache, valid)[0]
 
     @classmethod
     def stack(cls, rows: list["KVCache"]) -> "KVCache":
@@ -308,19 +308,42 @@ class RMSNorm(nn.Module):
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """One query per sequence: softmax(q k^T / sqrt(D), masked to `valid` slots) v, with GQA.
+    """One query per sequence: softmax(q k^T / sqrt(D), masked to `valid` slots) v, with GQA, in float32
+    whatever K/V are stored in (`scores_against`, `weighted_sum`).
 
     q [B, H, 1, D]; k, v [B, Hkv, T, D]; valid [T], [B, 1, T] or [B, Hkv, T] bool. Query head h = g * G + j
     reads KV head g (G = H / Hkv), so q is viewed as [B, Hkv, G, D] and K/V are never repeated.
     Returns the output [B, H, 1, D] and the probabilities [B, Hkv, G, T] (float32)."""
     B, H, _, D = q.shape
     n_kv_heads = k.shape[1]
-    q = q.view(B, n_kv_heads, H // n_kv_heads, D)  # [B, Hkv, G, D]
-    scores = (q @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, T]
-    scores = scores.masked_fill(~valid.unsqueeze(-2), -float("inf"))
-    probs = torch.softmax(scores, dim=-1)
-    y = probs.to(v.dtype) @ v  # [B, Hkv, G, D]
-    return y.view(B, H, 1, D), probs
+    qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
+    scores = scores_against(qg, k) * D**-0.5  # [B, Hkv, G, T]
+    probs = torch.softmax(scores.masked_fill(~valid.unsqueeze(-2), -float("inf")), dim=-1)
+    y = weighted_sum(probs, v)  # [B, Hkv, G, D]
+    return y.to(q.dtype).view(B, H, 1, D), probs
+
+
+def scores_against(q: Tensor, keys: Tensor) -> Tensor:
+    """q [B, Hkv, G, *C] . keys [B, Hkv, T, *C] -> [B, Hkv, G, T], summed over the channels C (D, or
+    a quantized format's `parts` in arkv.py). Compiled: a product summed one channel dim at a time,
+    which the compiler fuses with the keys' conversion to float32 (a 16-bit cache's cast, arkv.py's
+    int4 dequantization) and streams from memory once; a matmul reads a converted float copy,
+    written first (2-3x slower for ARKV on the CPU at 4k tokens, batch 8; the full cache's
+    float32 bmm after 8k tokens took 0.75 ms per layer). Eager: a matmul (the product would be G
+    times the keys' size)."""
+    if torch.compiler.is_compiling():
+        product = q[:, :, :, None] * keys[:, :, None].float()  # [B, Hkv, G, T, *C]
+        while product.dim() > 4:
+            product = product.sum(-1)
+        return product
+    return q.flatten(3) @ keys.float().flatten(3).transpose(-1, -2)
+
+
+def weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
+    """probs [B, Hkv, G, T] . values [B, Hkv, T, *C] -> [B, Hkv, G, *C], fused as `scores_against`."""
+    if torch.compiler.is_compiling():
+        return (probs.view(*probs.shape, *[1] * (values.dim() - 3)) * values[:, :, None].float()).sum(3)  # [B, Hkv, G, T, *C] summed over T
+    return (probs @ values.float().flatten(3)).view(*probs.shape[:3], *values.shape[3:])
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
