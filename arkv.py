@@ -888,8 +888,8 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     probs = torch.softmax(scores.mul(D**-0.5).masked_fill(pos[:, :, None] < 0, -torch.inf), dim=-1)
     live_original, live_quantized = original_pos >= 0, pos[..., N:] >= 0  # garbage bytes of dead slots -> 0
     y = weighted_sum(probs[..., :N], torch.where(live_original[..., None], kv_original[:, :, :, 1].float(), 0.0))
-    y = y + fmt.merge([weighted_sum(probs[..., N:], torch.where(live_quantized.view(*live_quantized.shape, *[1] * (v.dim() - 3)), v, 0.0))
-                       for v in v_parts])  # [B, Hkv, G, D]
+    live_parts = live_quantized.view(*live_quantized.shape, *[1] * (v_parts[0].dim() - 3))  # [B, Hkv, M - first, 1...]
+    y = y + fmt.merge([weighted_sum(probs[..., N:], torch.where(live_parts, v, 0.0)) for v in v_parts])  # [B, Hkv, G, D]
     probs = torch.cat([probs[..., :N], probs.new_zeros(B, n_kv_heads, G, first), probs[..., N:]], dim=-1)  # [B, Hkv, G, N + M]
     return y.to(q.dtype).view(B, H, 1, D), probs
 

@@ -196,10 +196,15 @@ def convert_hf(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
     if problem:
         raise ConversionError(f"{src}: {problem}")
     args = write(out, args, state, weight_quant)
+    copy_tokenizer_files(src, out)
+    return args
+
+
+def copy_tokenizer_files(src: Path, out: Path):
+    """The Hugging Face tokenizer files `src` has, copied into `out`."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
-    return args
 
 
 def convert_gguf(path: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
@@ -369,9 +374,7 @@ def requantize(src: Path, out: Path, weight_quant: str) -> ModelArgs:
     if problem:
         raise ConversionError(f"{src / 'model.safetensors'}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+    copy_tokenizer_files(src, out)
     return write(out, dataclasses.replace(args, name=out.name), state, weight_quant)
 
 
