@@ -33,9 +33,12 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_kv(base, slot_offset, half_offset, meta_base, meta_slot_offset, meta_half_offset, d, in_range, head_dim,
-                 FORMAT: tl.constexpr, GROUP: tl.constexpr):
-        """One K (or V) tile [BLOCK_N, BLOCK_D] as float32, dequantized by FORMAT.
+    def _load_kv(base, slot_offset, half_offset, channel_stride, meta_base, meta_slot_offset, meta_half_offset,
+                 meta_stride, d, in_range, head_dim, FORMAT: tl.constexpr, GROUP: tl.constexpr):
+        """One K (or V) block [BLOCK_N, BLOCK_D] as float32, dequantized by FORMAT. Byte (or Original
+        value) c of a slot lies at slot_offset + half_offset + c * channel_stride, its metadata value
+        e at meta_slot_offset + meta_half_offset + e * meta_stride (a tile puts its slots side by
+        side: `arkv.tile_layout`).
 
         fp8 e4m3: sign s, exponent e (4 bits, bias 7), mantissa m (3 bits):
         (-1)^s (1 + m/8) 2^(e-7), or m 2^-9 when e = 0 (OCP FP8 spec); times the token's scale.
@@ -43,18 +46,20 @@ if triton is not None:
         j = d % GROUP, byte g GROUP/2 + j % (GROUP/2) holds channel d in its low (j < GROUP/2) or
         high nibble; x = q * scale_g + zero_g."""
         mask = in_range[:, None] & (d[None, :] < head_dim)
+        slot = base + slot_offset[:, None] + half_offset
         if FORMAT == 0:
-            return tl.load(base + slot_offset[:, None] + half_offset + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            return tl.load(slot + d[None, :] * channel_stride, mask=mask, other=0.0).to(tl.float32)
+        meta = meta_base + meta_slot_offset[:, None] + meta_half_offset
         if FORMAT == 3:
             half = GROUP // 2
             byte_index = (d[None, :] // GROUP) * half + d[None, :] % half
-            byte = tl.load(base + slot_offset[:, None] + half_offset + byte_index, mask=mask, other=0).to(tl.int32)
+            byte = tl.load(slot + byte_index * channel_stride, mask=mask, other=0).to(tl.int32)
             nibble = (byte >> ((d[None, :] % GROUP) // half * 4)) & 15
-            group_meta = meta_base + meta_slot_offset[:, None] + meta_half_offset + 2 * (d[None, :] // GROUP)
+            group_meta = meta + 2 * (d[None, :] // GROUP) * meta_stride
             scale = tl.load(group_meta, mask=mask, other=0.0).to(tl.float32)
-            zero = tl.load(group_meta + 1, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(group_meta + meta_stride, mask=mask, other=0.0).to(tl.float32)
             return nibble.to(tl.float32) * scale + zero
-        byte = tl.load(base + slot_offset[:, None] + half_offset + d[None, :], mask=mask, other=0).to(tl.int32)
+        byte = tl.load(slot + d[None, :] * channel_stride, mask=mask, other=0).to(tl.int32)
         if FORMAT == 1:
             exponent, mantissa = (byte >> 3) & 15, (byte & 7).to(tl.float32)
             magnitude = tl.where(exponent == 0, mantissa * 0.001953125,
@@ -62,25 +67,26 @@ if triton is not None:
             value = tl.where(byte >= 128, -magnitude, magnitude)
         else:
             value = tl.where(byte >= 128, byte - 256, byte).to(tl.float32)
-        scale = tl.load(meta_base + meta_slot_offset + meta_half_offset, mask=in_range, other=0.0).to(tl.float32)
-        return value * scale[:, None]
+        scale = tl.load(meta, mask=in_range[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, 1]
+        return value * scale
 
     @triton.jit
     def _tristate_attention_kernel(
         q_ptr, kv_ptr, meta_ptr, pos_ptr, bounds_ptr, scores_ptr, m_ptr, l_ptr, acc_ptr,
         n_kv_heads, group_size, head_dim, sm_scale, score_column, split_base,
         stride_qb, stride_qh,
-        stride_kvb, stride_kvh, stride_kvn, stride_kvhalf,
-        stride_mb, stride_mh, stride_mn, stride_mhalf,
+        stride_kvb, stride_kvh, stride_kvtile, stride_kvlane, stride_kvhalf, stride_kvc,
+        stride_mb, stride_mh, stride_mtile, stride_mlane, stride_mhalf, stride_mc,
         stride_pb, stride_ph,
         stride_sr, stride_sg,
         stride_state_r, stride_state_s, stride_acc_r, stride_acc_s,
-        FORMAT: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
+        FORMAT: tl.constexpr, GROUP: tl.constexpr, LANES: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Program (row = b * Hkv + h, split): the G query heads of KV head h against slots
         [split * SPLIT, (split + 1) * SPLIT) that lie in batch row b's usable range [begin, end)
-        of the region (`bounds_ptr` [B, 2]: outside it every slot is empty, so it is skipped, not read). Writes the raw
+        of the region (`bounds_ptr` [B, 2]: outside it every slot is empty, so it is skipped, not read);
+        slot n lies in tile n // LANES at lane n % LANES (LANES 1: one slot after another). Writes the raw
         scores of its slots and its partial softmax state (running max m, sum l, unnormalised
         output acc) for `combine_splits`."""
         row, split = tl.program_id(0), tl.program_id(1)
@@ -99,9 +105,12 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             in_range = n < hi
             live = (tl.load(pos_ptr + b * stride_pb + h * stride_ph + n, mask=in_range, other=-1) >= 0) & in_range
-            k = _load_kv(kv_base, n * stride_kvn, 0, meta_base, n * stride_mn, 0, d, in_range, head_dim, FORMAT, GROUP)
-            v = _load_kv(kv_base, n * stride_kvn, stride_kvhalf, meta_base, n * stride_mn, stride_mhalf, d, in_range,
-                         head_dim, FORMAT, GROUP)
+            kv_slot = (n // LANES) * stride_kvtile + (n % LANES) * stride_kvlane
+            meta_slot = (n // LANES) * stride_mtile + (n % LANES) * stride_mlane
+            k = _load_kv(kv_base, kv_slot, 0, stride_kvc, meta_base, meta_slot, 0, stride_mc, d, in_range, head_dim,
+                         FORMAT, GROUP)
+            v = _load_kv(kv_base, kv_slot, stride_kvhalf, stride_kvc, meta_base, meta_slot, stride_mhalf, stride_mc, d,
+                         in_range, head_dim, FORMAT, GROUP)
             v = tl.where(live[:, None], v, 0.0)  # dead slots hold other bytes (maybe NaN): 0 * NaN is NaN
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # [BLOCK_G, BLOCK_N]
             scores = tl.where(live[None, :], scores, float("-inf"))
@@ -126,13 +135,14 @@ def tristate_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, pay
     """Triton twin of `arkv.mixed_precision_attention` (same arguments and results). Only the
     Original slots [0, original_slots) and the Quantized slots [quantized_first, M) are read.
 
-    q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M, 2, P] uint8 and meta
-    [B, Hkv, M, 2, m] (views of the arena, any strides with a unit last stride); original_pos
+    q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M / L, 2, P, L] uint8 and meta
+    [B, Hkv, M / L, 2, m, L] (tiles of L slots, views of the arena, any strides); original_pos
     [B, Hkv, N] and quantized_pos [B, Hkv, M] are the slots' token positions (live where >= 0).
     original_slots and quantized_first [B] are each batch row's bounds. Returns the output
     [B, H, 1, D] (q's dtype) and the probabilities [B, Hkv, G, N + M] (float32)."""
     B, H, _, D = q.shape
-    n_kv_heads, N, M = kv_original.shape[1], kv_original.shape[2], payload.shape[2]
+    n_kv_heads, N, lanes = kv_original.shape[1], kv_original.shape[2], payload.shape[-1]
+    M = payload.shape[2] * lanes
     G = H // n_kv_heads
     block_g, block_d = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
     splits = [triton.cdiv(N, split), triton.cdiv(M, split) if M else 0]
@@ -143,22 +153,26 @@ def tristate_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, pay
     l = torch.empty_like(m)
     acc = torch.empty(rows, total_splits, block_g, block_d, device=q.device, dtype=torch.float32)
     zero = torch.zeros_like(original_slots)
-    regions = [(kv_original, kv_original, original_pos, torch.stack([zero, original_slots], dim=-1), "original", 0, 0,
-                splits[0])]
+    # per region: (batch, head, tile, lane, K/V half, channel) strides of its values and of its metadata
+    original_strides = (*kv_original.stride()[:3], 0, *kv_original.stride()[3:])
+    regions = [(kv_original, kv_original, original_strides, original_strides, original_pos,
+                torch.stack([zero, original_slots], dim=-1), "original", 1, 0, 0, splits[0])]
     if M:
         bounds = torch.stack([quantized_first, zero + M], dim=-1)  # [B, 2]
-        regions.append((payload, meta, quantized_pos, bounds, kv_quant, N, splits[0], splits[1]))
-    for kv, region_meta, pos, bounds, fmt, column, split_base, n_splits in regions:
+        tile_strides = [tuple(t.stride()[i] for i in (0, 1, 2, 5, 3, 4)) for t in (payload, meta)]
+        regions.append((payload, meta, *tile_strides, quantized_pos, bounds, kv_quant, lanes, N, splits[0], splits[1]))
+    for kv, region_meta, kv_strides, meta_strides, pos, bounds, fmt, region_lanes, column, split_base, n_splits in regions:
         _tristate_attention_kernel[(rows, n_splits)](
             q, kv, region_meta, pos, bounds, scores, m, l, acc,
             n_kv_heads, G, D, D**-0.5, column, split_base,
             q.stride(0), q.stride(1),
-            kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
-            region_meta.stride(0), region_meta.stride(1), region_meta.stride(2), region_meta.stride(3),
+            *kv_strides,
+            *meta_strides,
             pos.stride(0), pos.stride(1),
             scores.stride(0), scores.stride(1),
             m.stride(0), m.stride(1), acc.stride(0), acc.stride(1),
-            FORMAT=FORMAT_CODES[fmt], GROUP=INT4_GROUP, SPLIT=split, BLOCK_N=block, BLOCK_G=block_g, BLOCK_D=block_d,
+            FORMAT=FORMAT_CODES[fmt], GROUP=INT4_GROUP, LANES=region_lanes, SPLIT=split, BLOCK_N=block, BLOCK_G=block_g,
+            BLOCK_D=block_d,
         )
     y, lse = combine_splits(m[..., :G], l[..., :G], acc[..., :G, :D])
     probs = torch.exp(scores - lse[..., None]).view(B, n_kv_heads, G, N + M)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import arkv
-from arkv import ARKV, ARKVConfig, FORMATS, METHODS, OQ_POLICIES
+from arkv import ARKV, TILE, ARKVConfig, FORMATS, METHODS, OQ_POLICIES
 from conftest import random_model
 from model import ModelArgs, Transformer, full_cache
 
@@ -269,13 +269,14 @@ def check_state(cache, config: ARKVConfig, seen: int, prompt_len: int, dtype: to
     N, W = config.kv_budget, config.window
     bo, bq = 2 * head_dim * dtype.itemsize, expected_quantized_bytes(config.kv_quant, head_dim)
     assert (slots.bytes_original, slots.bytes_quantized, slots.kv_budget) == (bo, bq, N)
-    M = N * bo // bq
+    M = N * bo // (TILE * bq) * TILE  # whole tiles of TILE slots
     assert slots.quantized_slots == M
     assert cache.o_pos.shape[-1] == N and cache.q_pos.shape[-1] == M
     assert cache.arena.dtype == torch.uint8 and cache.arena.shape[-1] == N * bo, "the arena is exactly the budget"
     c_o, q_first = now.o_capacity, now.q_first
     assert 0 < c_o <= N and W <= c_o and 0 <= q_first <= M
-    assert q_first == M or c_o * bo <= q_first * bq, "Original and Quantized regions overlap in bytes"
+    tiles_offset = N * bo - M * bq  # the tiles end with the arena
+    assert q_first == M or c_o * bo <= tiles_offset + q_first * bq, "Original and Quantized regions overlap in bytes"
     assert c_o * bo + (M - q_first) * bq <= N * bo
     assert (cache.o_pos[..., c_o:] == -1).all(), "Original slot beyond o_capacity is in use"
     assert (cache.q_pos[..., :q_first] == -1).all(), "Quantized slot before q_first is in use"
@@ -454,9 +455,9 @@ def test_original_bytes_survive_decode_int4_float32():
         cache = manager.caches[0]
         bo = cache.slots.bytes_original
         slot = int((cache.o_pos[0, 0] == T - 1).nonzero())  # the newest token: in the window, stays Original
-        _, meta = cache.quantized_views()
-        base = cache.arena.data_ptr()
-        offsets = [meta[0, 0, j].data_ptr() - base for j in range(meta.shape[2])]
+        every_slot = torch.arange(cache.slots.quantized_slots).view(1, 1, -1)
+        index = cache.byte_index(every_slot, quantized=True)[0, 0]  # [M, bytes_quantized] in row (0, 0) of the arena
+        offsets = index[:, 2 * cache.fmt.payload_bytes(cache.head_dim)::2].flatten().tolist()  # bfloat16 metadata values
         offset = next(o for o in offsets if slot * bo <= o < (slot + 1) * bo and o % 4 == 0)
         element = (offset - slot * bo) // 4  # float32 element of the slot's [2, D] K/V whose low half is that metadata
         cache.original_view()[0, 0, slot].view(-1)[element] = torch.tensor([0x3F807C01], dtype=torch.int32).view(torch.float32)
@@ -474,8 +475,8 @@ def test_quantized_bytes_survive_decode_bfloat16(kv_quant):
     """A Quantized token's payload bytes 0x85 0x7F (int4 codes 5, 8, 15, 7; or int8 values -123, 127:
     ordinary data that reads as a bfloat16 NaN) must not change while the token stays Quantized."""
     model = tiny_model(4, 2, 64, torch.bfloat16)
-    manager = ARKV(ARKVConfig(kv_budget=16, window=4, method="quant", kv_quant=kv_quant), model.args, torch.bfloat16)
-    T = 20  # fits: Original window + free Quantized slots, so nothing is evicted in the next step
+    manager = ARKV(ARKVConfig(kv_budget=40, window=4, method="quant", kv_quant=kv_quant), model.args, torch.bfloat16)
+    T = 50  # more than the budget, and fits: Original window + free Quantized slots, so nothing is evicted next step
     model.setup_caches(1, T + 2, manager.cache_factory)
     with torch.no_grad():
         model(torch.arange(T)[None], torch.arange(T))
@@ -484,13 +485,12 @@ def test_quantized_bytes_survive_decode_bfloat16(kv_quant):
         slot = int(cache.q_first[0])
         pos = int(cache.q_pos[0, 0, slot])
         assert pos >= 0
-        payload, _ = cache.quantized_views()
-        payload[0, 0, slot, 0, :2] = torch.tensor([0x85, 0x7F], dtype=torch.uint8)
-        before = cache.arena.clone()
+        index = cache.byte_index(torch.tensor([[[slot]]]), quantized=True)[0, 0, 0]  # the slot's bytes in row (0, 0)
+        cache.arena.view(-1)[index[:2]] = torch.tensor([0x85, 0x7F], dtype=torch.uint8)  # its first K payload bytes
+        before = cache.arena.view(-1)[index]
         model(torch.tensor([[5]]), torch.tensor([T]))
         assert int(cache.q_pos[0, 0, slot]) == pos, "the probe token must stay Quantized for this check"
-        size = cache.slots.bytes_quantized
-        assert torch.equal(cache.arena[0, 0, slot * size:(slot + 1) * size], before[0, 0, slot * size:(slot + 1) * size])
+        assert torch.equal(cache.arena.view(-1)[index], before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_compiled_attention_reads_only_usable_slots_with_one_graph_for_every_spl
                              live_original=0.8, live_quantized=0.7, seed=seed)
         splits.add((int(cache.o_capacity[0]), int(cache.q_first[0])))
         q = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(seed))
-        payload, meta = cache.quantized_views()
+        payload, meta = cache.tile_views()
         args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, "int4", cache.o_capacity, cache.q_first)
         y_oracle, probs_oracle = masked_full_scan(q, cache)
         for attention in (mixed_precision_attention, compiled):

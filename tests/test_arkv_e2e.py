@@ -160,11 +160,11 @@ CASES += [(m, "paper", "int4") for m in ("evict", "streaming", "h2o")]  # Origin
 
 @pytest.mark.parametrize("method, policy, kv_quant", CASES)
 def test_logits_equal_masked_full_cache(method, policy, kv_quant):
-    """A 48-token prompt, then 256 decode steps; budget 24 tokens of bytes, window 8, 2 rows. At
+    """A 48-token prompt, then 256 decode steps; budget 40 tokens of bytes, window 8, 2 rows. At
     every step the logits equal the oracle's (attention over exactly what ARKV holds) while tokens
     are demoted into the Quantized region and evicted."""
     B, T, steps = 2, 48, 256
-    config = ARKVConfig(kv_budget=24, window=8, method=method, oq_policy=policy, kv_quant=kv_quant)
+    config = ARKVConfig(kv_budget=40, window=8, method=method, oq_policy=policy, kv_quant=kv_quant)
     model, manager = arkv_model(config, B, T + steps)
     oracle = tiny_model(T + steps)
     oracle.setup_caches(B, T + steps, lambda layer, args, batch_size, max_seq_len, dtype:

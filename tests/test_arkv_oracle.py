@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import arkv
-from arkv import ARKV, ARKVConfig, SlotGeometry
+from arkv import ARKV, TILE, ARKVConfig, SlotGeometry
 from model import ModelArgs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,16 +156,19 @@ def ref_layer_score(stats: tuple[float, float, float]) -> float:
 
 def ref_capacities(rho: float, N: int, W: int, bo: int, bq: int) -> tuple[int, int]:
     """C_o = W + round(rho (N - W)) Original slots from the front of an arena of N * bo bytes; C_q =
-    the bq-byte slots that lie wholly behind them."""
+    the slots of the tiles (TILE slots of bq bytes each, packed against the arena's end) that begin
+    at or behind the Original slots' end."""
     c_o = W + round(rho * (N - W))
-    return c_o, max(N * bo // bq - (c_o * bo + bq - 1) // bq, 0)
+    tile = TILE * bq
+    starts = [N * bo - k * tile for k in range(1, N * bo // tile + 1)]  # each tile's first byte
+    return c_o, TILE * sum(start >= c_o * bo for start in starts)
 
 
 def ref_shares(layer_scores: list[float], method: str, policy: str, N: int, W: int, seq_len: int, bo: int,
                bq: int) -> list[float]:
     """rho per layer: 1 when the budget holds the sequence; 1 (evict, streaming, h2o) or 0 (quant);
     paper q_l / max q; coverage (q_l / max q) * U / (N - W), U the most Original tokens beyond the
-    window with which C_o + C_q still holds all seq_len tokens (0 if none does)."""
+    window (`ref_upgrades`)."""
     L = len(layer_scores)
     if N >= seq_len or method in ("evict", "streaming", "h2o"):
         return [1.0] * L
@@ -176,8 +179,14 @@ def ref_shares(layer_scores: list[float], method: str, policy: str, N: int, W: i
         return relative
     if N == W:
         return [0.0] * L
-    fits = [u for u in range(N - W + 1) if sum(ref_capacities(u / (N - W), N, W, bo, bq)) >= seq_len]
-    return [r * max(fits, default=0) / (N - W) for r in relative]
+    return [r * ref_upgrades(N, W, bo, bq, seq_len) / (N - W) for r in relative]
+
+
+def ref_upgrades(N: int, W: int, bo: int, bq: int, seq_len: int) -> int:
+    """The largest U (Original tokens beyond the window) whose C_o + C_q holds as many of the seq_len
+    tokens as any U does."""
+    held = {u: min(sum(ref_capacities(u / (N - W), N, W, bo, bq)), seq_len) for u in range(N - W + 1)}
+    return max(u for u in held if held[u] == max(held.values()))
 
 
 def ref_assignment(pooled: list[float], means: list[float], seq_len: int, method: str, window: int, c_o: int,
@@ -382,16 +391,15 @@ def test_token_statistics_match_reference(heads, S, window, gamma, kernel, sharp
 @given(W=st.integers(1, 40), extra=st.integers(1, 40), bo=st.sampled_from([32, 64, 128, 256, 512]),
        bq=st.sampled_from([20, 40, 68, 80, 136, 264]), rho=st.floats(0, 1), seq_len=st.integers(1, 600))
 def test_capacities_and_upgrades_match_reference(W, extra, bo, bq, rho, seq_len):
-    """C_o = W + round(rho (N - W)), C_q = floor(N bo / bq) - ceil(C_o bo / bq) (>= 0), and the
-    byte bound C_o bo + C_q bq <= N bo; max_original_upgrades = the largest U with C_o + C_q >= seq_len."""
+    """C_o = W + round(rho (N - W)), C_q = the slots of the tiles behind the Original region, and the
+    byte bound C_o bo + C_q bq <= N bo; max_original_upgrades = `ref_upgrades`."""
     assume(bq < bo)
     N = W + extra
     slots = SlotGeometry(N, W, bo, bq)
     c_o, c_q = slots.capacities(rho)
     assert (c_o, c_q) == ref_capacities(rho, N, W, bo, bq)
     assert c_o * bo + c_q * bq <= N * bo
-    fits = [u for u in range(N - W + 1) if sum(ref_capacities(u / (N - W), N, W, bo, bq)) >= seq_len]
-    assert slots.max_original_upgrades(seq_len) == max(fits, default=0)
+    assert slots.max_original_upgrades(seq_len) == ref_upgrades(N, W, bo, bq, seq_len)
 
 
 def test_layer_score_formula():

@@ -113,7 +113,7 @@ def test_batched_rows_under_compression_equal_each_row_alone(method, policy, kv_
     """Budgets smaller than the sequence and different per row (so the stacked arena is larger than some rows'):
     each row's batched logits and final token states equal those of the row decoded alone."""
     configs = [ARKVConfig(kv_budget=n, method=method, oq_policy=policy, window=4, kv_quant=kv_quant, sinks=2)
-               for n in (6, 9, 7)]  # even int4 cannot hold every token
+               for n in (13, 15, 13)]  # even int4 cannot hold every token; each arena holds a tile of int8 tokens
     check_rows_equal_alone(configs, quantizes=method == "quant" or policy == "coverage")
 
 
@@ -122,7 +122,7 @@ def test_rows_of_methods_that_decode_alike_share_a_batch():
     rule, still decodes exactly as its own method alone; methods that decode differently refuse to stack."""
     methods = [("evict", "paper"), ("arkv", "coverage"), ("quant", "paper")]
     configs = [ARKVConfig(kv_budget=n, method=m, oq_policy=policy, window=4, kv_quant="int4")
-               for n, (m, policy) in zip((6, 9, 7), methods)]
+               for n, (m, policy) in zip((13, 15, 13), methods)]
     check_rows_equal_alone(configs, quantizes=True)
     model = tiny_model(4, 2, 64, seed=3)
     managers = []
@@ -148,7 +148,7 @@ def check_rows_equal_alone(configs: list[ARKVConfig], quantizes: bool):
     for b, tokens in enumerate(rows):
         alone = decode_alone(model, tokens, lengths[b], ARKV(configs[b], model.args, torch.float32))
         for step_got, step_alone in zip(got, alone):
-            torch.testing.assert_close(step_got[b], step_alone[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(step_got[b], step_alone[0], atol=3e-5, rtol=0)  # float32 sums over other slot counts
         assert batched_states[b] == held_positions(model, 0), f"row {b}: token states differ from the row alone"
     quantized = [bool(q) for state in batched_states for layer in state for _, q in layer]
     if quantizes:  # the paper's shares may leave a tiny model's layers all Original
@@ -202,13 +202,13 @@ def test_triton_kernel_reads_each_rows_own_bounds(kv_quant):
         pytest.skip("Triton is not installed")
     model = tiny_model(4, 2, 64, seed=5)
     rows = rows_of_tokens(model.args.vocab_size, seed=6, lengths=(40, 70, 55))
-    configs = [ARKVConfig(kv_budget=n, window=4, kv_quant=kv_quant, oq_policy="coverage") for n in (6, 20, 16)]
+    configs = [ARKVConfig(kv_budget=n, window=4, kv_quant=kv_quant, oq_policy="coverage") for n in (6, 20, 24)]
     prepared, _ = prefill_rows(model, rows, lambda b: ARKV(configs[b], model.args, torch.float32))
     cache = ARKV.stack([p[1] for p in prepared], 32).caches[1]
     assert len(set(cache.q_first.tolist())) == 3 and (cache.q_pos >= 0).any()
     assert kv_quant != "int4" or len(set(cache.o_capacity.tolist())) == 3  # int4 leaves bytes for upgrades
     q = torch.randn(3, 4, 1, 64, generator=torch.Generator().manual_seed(7))
-    payload, meta = cache.quantized_views()
+    payload, meta = cache.tile_views()
     args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, kv_quant, cache.o_capacity, cache.q_first)
     y, probs = kernels.tristate_attention(*args, split=32, block=16)
     y_twin, probs_twin = mixed_precision_attention(*args)

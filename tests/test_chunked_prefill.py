@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from arkv import ARKV, ARKVConfig, METHODS
 from generate import chunk_bounds, generate
-from model import full_cache
+from conftest import random_model
+from model import ModelArgs, full_cache
 from test_arkv import FMT_NAMES, HEADS, SETTINGS, Snapshot, check_state, tiny_model
 
 
@@ -145,9 +146,12 @@ def check_across_chunks(before: Snapshot, now: Snapshot, chunk_start: int):
 @pytest.mark.parametrize("kv_quant", FMT_NAMES)
 def test_many_chunks_never_promote_or_requantize(oq_policy, kv_quant):
     """Fifteen chunks through a small budget: Quantized tokens compete again at every chunk (the
-    case a promotion or a re-quantization would show up in)."""
-    config = ARKVConfig(kv_budget=20, window=4, oq_policy=oq_policy, kv_quant=kv_quant)
-    model = tiny_model(4, 2, 64)
+    case a promotion or a re-quantization would show up in). Layer 0's attention is diffuse and layer
+    1's peaked, so that the paper's shares (about 0.5 and 1) leave layer 0 whole Quantized tiles."""
+    config = ARKVConfig(kv_budget=32, window=4, oq_policy=oq_policy, kv_quant=kv_quant)
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, head_dim=64, intermediate_size=96, vocab_size=128,
+                     max_seq_len=512)
+    model = random_model(args, {"layers.0.attention.wqkv.weight": 0.1, "layers.1.attention.wqkv.weight": 0.3})
     prompt = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(0))
     manager = ARKV(config, model.args, torch.float32)
     model.setup_caches(2, 130, manager.cache_factory)

@@ -497,7 +497,7 @@ def test_full_cache_that_does_not_fit(tiny, no_allocation, capsys):
 def test_arkv_cache_that_does_not_fit(tiny, no_allocation, capsys):
     err = run_main(generate.main, ["--checkpoint", str(tiny), "--kv-budget", "6", "--window", "4", *PROMPT5], capsys)
     arena = 6 * 2 * 64 * 4  # 6 float32 tokens of K+V
-    slots = 6 + arena // (2 * 32 + 2 * 4 * 2)  # Original + int4 Quantized slots (80 bytes each)
+    slots = 6 + arena // (32 * 80) * 32  # Original + int4 Quantized slots (80 bytes each, in whole tiles of 32)
     pending = 5 * 2 * 64 * 4  # the prompt's K/V, held by every layer until compression
     need = 2 * (arena + slots * (8 + 12) + pending)  # 2 layers; per slot an int64 position, 3 float32 statistics
     assert f"--kv-budget 6 (6 tokens): the KV cache would need {need:,} bytes" in err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from arkv import ARKVCache, ARKVConfig, FORMATS, SlotGeometry, bytes_per_token, mixed_precision_attention
+from arkv import TILE, ARKVCache, ARKVConfig, FORMATS, SlotGeometry, bytes_per_token, mixed_precision_attention
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -28,7 +28,8 @@ def filled_cache(kv_quant, dtype, batch, n_kv_heads, head_dim, kv_budget, window
                                          torch.arange(c_o), -1)
     cache.o_pos[..., :window] = torch.arange(window)  # the window is always Original
     if c_q:
-        cache.quantized_bytes()[:, :, q_first:] = cache.quantized_slot_bytes(kv[:, :, c_o:])
+        targets = torch.arange(q_first, q_first + c_q).expand(batch, n_kv_heads, c_q)
+        cache.write_quantized(targets, cache.quantized_slot_bytes(kv[:, :, c_o:]))
         live = torch.rand(batch, n_kv_heads, c_q, generator=generator) < live_quantized
         cache.q_pos[..., q_first:] = torch.where(live, torch.arange(c_o, c_o + c_q), -1)
     cache.o_capacity.fill_(c_o)
@@ -38,8 +39,8 @@ def filled_cache(kv_quant, dtype, batch, n_kv_heads, head_dim, kv_budget, window
 
 def compare(cache: ARKVCache, n_head: int, dtype, atol: float, split: int = 64, block: int = 16, quantized=True):
     q = torch.randn(cache.arena.shape[0], n_head, 1, cache.head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
-    payload, meta = cache.quantized_views(empty=not quantized)
-    args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos[..., :payload.shape[2]], cache.config.kv_quant,
+    payload, meta = cache.tile_views(empty=not quantized)
+    args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos[..., :payload.shape[2] * TILE], cache.config.kv_quant,
             cache.o_capacity, cache.q_first)
     y_twin, probs_twin = mixed_precision_attention(*args)
     y, probs = kernels.tristate_attention(*args, split=split, block=block)

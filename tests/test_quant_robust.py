@@ -219,6 +219,13 @@ def test_subnormal_rows_keep_the_bound(name, exponent):
     assert deq.isfinite().all() and ((x.double() - deq.double()).abs() <= bound(name, x, meta)).all()
 
 
+def one_tile(payload: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot-major payload [B, Hkv, M, 2, P] and meta [B, Hkv, M, 2, m] as one tile of M slots
+    side by side, the layout decode attention reads: [B, Hkv, 1, 2, P, M], [B, Hkv, 1, 2, m, M]
+    (no tile when M = 0)."""
+    return tuple(x.movedim(2, -1)[:, :, None] if x.shape[2] else x[..., None] for x in (payload, meta))
+
+
 def attention_inputs(seed: int) -> tuple:
     """One decode query against a cache of 3 KV heads (2 query heads each, head_dim 64): 6
     Original slots, 10 Quantized ones (2 of each region dead), K/V ~ N(0, 1)."""
@@ -245,7 +252,7 @@ def test_bad_token_stays_in_its_head(name, seed, head, slot, half, channel, valu
     q, kv_o, o_pos, kv_q, q_pos = attention_inputs(seed)
     bad = kv_q.clone()
     bad[0, head, slot, half, channel] = value
-    runs = [mixed_precision_attention(q, kv_o, o_pos, *fmt.quantize(kv), q_pos, name) for kv in (kv_q, bad)]
+    runs = [mixed_precision_attention(q, kv_o, o_pos, *one_tile(*fmt.quantize(kv)), q_pos, name) for kv in (kv_q, bad)]
     (y_clean, p_clean), (y_bad, p_bad) = runs
     queries = torch.arange(6) // 2 != head  # query heads of the other KV heads
     others = torch.arange(3) != head
@@ -255,7 +262,7 @@ def test_bad_token_stays_in_its_head(name, seed, head, slot, half, channel, valu
     if value != value:
         empty = torch.zeros(1, 3, 0, 2, D)
         y_full, _ = mixed_precision_attention(q, torch.cat([kv_o, bad], dim=2), torch.cat([o_pos, q_pos], dim=-1),
-                                              *fmt.quantize(empty), q_pos[..., :0], name)
+                                              *one_tile(*fmt.quantize(empty)), q_pos[..., :0], name)
         broken = ~y_bad.isfinite().all(-1)  # [1, 6, 1]: per query head
         assert torch.equal(broken, ~y_full.isfinite().all(-1))
         assert torch.equal(broken[0, :, 0], ~queries & bool(q_pos[0, head, slot] >= 0))
