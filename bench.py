@@ -17,8 +17,10 @@
 6. The bound: the machine's read bandwidth (a 1 GiB tensor summed, best of 5) and, for every decode
    row, the bytes a step must read (every projection weight once, plus the live K/V bytes), the
    roofline tokens/s that bandwidth allows, and the fraction reached.
-7. With --quantize int8: the same decode rows for weight-only int8 (convert.py --quantize int8,
-   made from --checkpoint into <checkpoint>-int8 on first use) beside the float ones.
+7. With --quantize int8 [int4]: the same decode rows for weight-only int8 / int4 (convert.py --quantize,
+   made from --checkpoint into <checkpoint>-int8 / -int4 on first use) beside the float ones; and on a
+   CPU that computes bfloat16 natively (AVX-512 BF16 or AMX, /proc/cpuinfo), float32 runs get bfloat16
+   rows too (the same weights and K/V in bfloat16: half the bytes).
 8. With --profile: the compiled decode step of full and arkv after the longest prompt under
    torch.profiler, its kernels' time per step grouped by what they do (names of fused kernels;
    on the CPU the kernels then record themselves, which the run's rates include).
@@ -298,7 +300,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--prefill-chunk", type=positive_int, default=512)
     parser.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--transformers", action="store_true", help="also time transformers' generate (default model only)")
-    parser.add_argument("--quantize", choices=["int8"], help="also decode with weight-only int8 (convert.py --quantize)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], nargs="+", default=[],
+                        help="also decode with weight-only int8 / int4 (convert.py --quantize)")
     parser.add_argument("--profile", action="store_true", help="per-step kernel time of full and arkv by category")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "bench.json")
     parser.add_argument("--job", choices=["full", "arkv", "chunked"], help=argparse.SUPPRESS)
@@ -330,14 +333,25 @@ def quantized_checkpoint(checkpoint: Path, weight_quant: str) -> Path:
     return out
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX tile instructions)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if device.type != "cpu" or not cpuinfo.is_file():
+        return False
+    flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def run(opts):
     started = time.perf_counter()
     device, dtype, kv_dtype = resolve_device(opts.device), DTYPES[opts.dtype], kv_dtype_of(opts)
     checkpoint = opts.checkpoint or default_checkpoint()
-    weights = {opts.dtype: checkpoint}
-    if opts.quantize:
-        weights[opts.quantize] = quantized_checkpoint(checkpoint, opts.quantize)
-    models = {name: load_model(path, device, dtype) for name, path in weights.items()}
+    weights = {opts.dtype: (checkpoint, dtype)}  # rows' weights: name -> (checkpoint, compute dtype)
+    if dtype == torch.float32 and native_bfloat16(device):
+        weights["bfloat16"] = (checkpoint, torch.bfloat16)
+    for weight_quant in opts.quantize:
+        weights[weight_quant] = (quantized_checkpoint(checkpoint, weight_quant), dtype)
+    models = {name: load_model(path, device, compute) for name, (path, compute) in weights.items()}
     model = models[opts.dtype]
     longest = max(opts.lengths)
     if longest + opts.steps + 2 > model.args.max_seq_len:
@@ -367,8 +381,9 @@ def run(opts):
                 first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
             step_weights = weight_bytes(weights_model)
             for name, config in configs.items():
+                row_kv_dtype = weights[w][1] if w == "bfloat16" and opts.kv_dtype == "auto" else kv_dtype
                 manager, compress_seconds = timed(load_prefill, weights_model, pendings, length + opts.steps + 2, config,
-                                                  kv_dtype)
+                                                  row_kv_dtype)
                 row = dict(method=name, weights=w, length=length, load_and_compress_s=compress_seconds,
                            kv_bytes=weights_model.cache_nbytes(), weight_bytes=step_weights,
                            step_bytes=step_weights + live_kv_bytes(weights_model, manager, length))

@@ -7,6 +7,7 @@ The output folder holds `model.safetensors` (this project's parameter names, q/k
     python convert.py path/to/model.gguf           # Llama-architecture GGUF, dequantized to float32
     python convert.py --repo Qwen/Qwen3-0.6B       # download with huggingface-hub first
     python convert.py SOURCE --quantize int8        # weight-only int8 projections (model.Int8Linear)
+    python convert.py SOURCE --quantize int4        # weight-only int4, groups of 32 (model.Int4Linear)
 
 SOURCE may also be a folder this script wrote, to quantize it without converting again.
 """
@@ -24,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer
+from model import Int4Linear, ModelArgs, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
@@ -123,9 +124,10 @@ def state_problem(args: ModelArgs, state: dict[str, torch.Tensor], sizes_from: s
         return (f"tensor {name} has shape {list(state[name].shape)}; {sizes_from} gives {list(expected[name])} "
                 f"({len(wrong)} of {len(state)} tensors disagree: the sizes in {sizes_from} do not match the weights)")
     for name, t in state.items():
-        if dtypes[name] == torch.int8 and t.dtype != torch.int8:
-            return f"tensor {name} is {t.dtype}; expected int8 (model_args.json says weight_quant {args.weight_quant})"
-        if dtypes[name] != torch.int8 and not t.is_floating_point():
+        if dtypes[name] in (torch.int8, torch.uint8) and t.dtype != dtypes[name]:
+            return (f"tensor {name} is {t.dtype}; expected {str(dtypes[name]).removeprefix('torch.')} "
+                    f"(model_args.json says weight_quant {args.weight_quant})")
+        if dtypes[name] not in (torch.int8, torch.uint8) and not t.is_floating_point():
             return f"tensor {name} is {t.dtype}; expected floating-point weights"
     return None
 
@@ -323,9 +325,9 @@ def write_gguf_tokenizer(path: Path, meta: dict, out: Path):
 
 def write(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], weight_quant: str = "none") -> ModelArgs:
     """model.safetensors, then model_args.json (its presence marks a finished conversion); the
-    projections quantized first with `weight_quant` "int8". Returns the arguments written."""
-    if weight_quant == "int8":
-        args, state = quantize_int8_state(args, state)
+    projections quantized first with `weight_quant` ("int8", "int4"). Returns the arguments written."""
+    if weight_quant != "none":
+        args, state = quantize_state(args, state, weight_quant)
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: t.contiguous() for name, t in state.items()}, str(out / "model.safetensors"))
@@ -345,17 +347,38 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-def quantize_int8_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Every projection (wqkv, wo, w1, w2, w3, output) as int8 + `.scales`; embeddings and norms stay
-    float. With tied embeddings the output gets its own int8 copy of the embedding matrix."""
-    quantized = dataclasses.replace(args, weight_quant="int8")
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of 32 input channels (`model.Int4Linear`, gpt-fast's int4): with lo,
+    hi a group's minimum and maximum, z = lo, s = (hi - lo) / 15 (1 for a constant group), codes
+    q = round((w - z) / s) in [0, 15], so |W - (q s + z)| <= s / 2 elementwise. An input size that is
+    not a multiple of 32 is padded with zero columns. Byte j of a group holds channel j in its low
+    nibble and channel j + 16 in its high one.
+    weight [out, in] -> (codes uint8 [out, in_padded / 2], s, z float32 [out, in_padded / 32])."""
+    group = Int4Linear.group
+    w = torch.nn.functional.pad(weight.float(), (0, -weight.shape[1] % group))
+    groups = w.unflatten(1, (-1, group))  # [out, in / g, g]
+    lo, hi = groups.amin(-1), groups.amax(-1)  # [out, in / g]
+    scales = torch.where(hi > lo, (hi - lo) / 15, 1.0)
+    codes = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)  # [out, in / g, g]
+    return (codes[..., :group // 2] | codes[..., group // 2:] << 4).flatten(1), scales, lo
+
+
+def quantize_state(args: ModelArgs, state: dict[str, torch.Tensor], weight_quant: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Every projection (wqkv, wo, w1, w2, w3, output) as int8 + `.scales` or int4 + `.scales` and
+    `.zeros`; embeddings and norms stay float. With tied embeddings the output gets its own
+    quantized copy of the embedding matrix."""
+    quantized = dataclasses.replace(args, weight_quant=weight_quant)
     state = dict(state)
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     with torch.device("meta"):
-        int8_names = [name for name, t in Transformer(quantized).state_dict().items() if t.dtype == torch.int8]
-    for name in int8_names:
-        state[name], state[name.removesuffix("weight") + "scales"] = quantize_int8(state[name])
+        names = [name for name, t in Transformer(quantized).state_dict().items() if t.dtype in (torch.int8, torch.uint8)]
+    for name in names:
+        prefix = name.removesuffix("weight")
+        if weight_quant == "int8":
+            state[name], state[prefix + "scales"] = quantize_int8(state[name])
+        else:
+            state[name], state[prefix + "scales"], state[prefix + "zeros"] = quantize_int4(state[name])
     return quantized, state
 
 
@@ -400,8 +423,8 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?", type=Path, help="Hugging Face folder or .gguf file")
     parser.add_argument("--repo", help="Hugging Face Hub repo id to download first")
-    parser.add_argument("--out", type=Path, help="output folder (default: checkpoints/<name>, -int8 when quantized)")
-    parser.add_argument("--quantize", choices=["int8"], help="weight-only quantization of every projection")
+    parser.add_argument("--out", type=Path, help="output folder (default: checkpoints/<name>, -int8 or -int4 when quantized)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of every projection")
     opts = parser.parse_args(argv)
     if (opts.source is None) == (opts.repo is None):
         parser.error("give exactly one of SOURCE or --repo")

@@ -84,8 +84,9 @@ def load_model(checkpoint: Path, device: str | torch.device, dtype: torch.dtype)
     if broken:
         raise CheckpointError(f"{weights_path}: tensor {broken[0]} holds NaN or infinite values "
                               f"({len(broken)} tensors); expected finite weights (a damaged file?)")
-    # int8 weights and their float32 scales stay as stored (model.Int8Linear)
-    state = {name: t if t.dtype == torch.int8 or name.endswith(".scales") else t.to(dtype) for name, t in state.items()}
+    # quantized weights and their float32 scales and zeros stay as stored (model.Int8Linear, Int4Linear)
+    state = {name: t if not t.is_floating_point() or name.endswith((".scales", ".zeros")) else t.to(dtype)
+             for name, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings and args.weight_quant == "none":
         model.output.weight = model.tok_embeddings.weight

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
-WEIGHT_QUANT = ("none", "int8")
+WEIGHT_QUANT = ("none", "int8", "int4")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ModelArgs:
     qk_norm: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048
-    weight_quant: str = "none"  # "int8": every projection weight-only int8 (`Int8Linear`; convert.py --quantize)
+    weight_quant: str = "none"  # "int8" / "int4": every projection weight-only (`Int8Linear`, `Int4Linear`; convert.py --quantize)
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -248,9 +248,11 @@ class FeedForward(nn.Module):
 
 
 def linear(in_features: int, out_features: int, args: ModelArgs) -> nn.Module:
-    """A bias-free projection: `Linear`, or `Int8Linear` in an int8 checkpoint."""
+    """A bias-free projection: `Linear`, or `Int8Linear` / `Int4Linear` in a quantized checkpoint."""
     if args.weight_quant == "int8":
         return Int8Linear(in_features, out_features)
+    if args.weight_quant == "int4":
+        return Int4Linear(in_features, out_features)
     return Linear(in_features, out_features)
 
 
@@ -280,6 +282,36 @@ class Int8Linear(nn.Module):
         return product * self.scales.to(x.dtype)
 
 
+class Int4Linear(nn.Module):
+    """Weight-only int4, asymmetric per group of 32 input channels (gpt-fast's int4): W ~ q s + z with
+    codes q in [0, 15], two per byte (byte j of a group: channel j low, j + 16 high, as arkv.Int4
+    packs K/V), s and z float32 [out, in / 32]; an input size that is not a multiple of 32 is
+    padded with zero columns (`convert.quantize_int4`). A decode step reads about an eighth of
+    float32's weight bytes: compiled on the CPU, `int4_matvec` unpacks each byte as it streams
+    past; else the weight is dequantized to x's dtype first."""
+    group = 32
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        padded = -(-in_features // self.group) * self.group
+        self.in_features = in_features
+        self.register_buffer("weight", torch.empty(out_features, padded // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, padded // self.group))
+        self.register_buffer("zeros", torch.empty(out_features, padded // self.group))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (0, 2 * self.weight.shape[1] - self.in_features))  # [..., in padded]
+        if decode_rows(x):
+            return int4_matvec(x, self.weight, self.scales, self.zeros)
+        return F.linear(x, self.dequantized().to(x.dtype))
+
+    def dequantized(self) -> Tensor:
+        """q s + z as float32 [out, in padded]."""
+        pairs = self.weight.unflatten(-1, (-1, self.group // 2))  # [out, in / g, g/2]
+        codes = torch.cat([pairs & 15, pairs >> 4], dim=-1).float()  # [out, in / g, g]
+        return (codes * self.scales[..., None] + self.zeros[..., None]).flatten(1)
+
+
 def decode_rows(x: Tensor) -> bool:
     """A compiled CPU step over a few rows of x [..., in] (a decode step of up to 16 sequences)."""
     return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= 16
@@ -291,6 +323,18 @@ def matvec(x: Tensor, weight: Tensor) -> Tensor:
     bandwidth. Measured on a 2-core CPU, SmolLM2's 30 layers + output head, one row: 15.6 ms in
     float32 against 37.6 ms for the matmul library's matrix-vector product, 5.5 ms from int8 weights."""
     return (x[..., None, :] * weight.to(x.dtype)).sum(-1)  # [..., out, in] summed over in
+
+
+def int4_matvec(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """x [..., in] . (q s + z)^T -> [..., out], `Int4Linear`'s packing, as a product summed over the
+    input channels (`matvec`): each byte unpacked and scaled as it is read, one fused loop.
+    weight [out, in/2] uint8; scales, zeros [out, in/32]."""
+    half = Int4Linear.group // 2
+    xg = x.unflatten(-1, (-1, 2, half))[..., None, :, :, :]  # [..., 1, in/g, 2, g/2]: low, then high channels
+    pairs = weight.unflatten(-1, (-1, half))  # [out, in/g, g/2]
+    low = (pairs & 15).to(x.dtype) * scales[..., None] + zeros[..., None]  # [out, in/g, g/2]
+    high = (pairs >> 4).to(x.dtype) * scales[..., None] + zeros[..., None]
+    return (xg[..., 0, :] * low + xg[..., 1, :] * high).sum((-2, -1))  # [..., out, in/g, g/2] summed
 
 
 class RMSNorm(nn.Module):
