@@ -24,7 +24,8 @@ of full-precision K+V. The Original region grows from the front of the arena (sl
 `bytes_original`), the Quantized region occupies the back, in tiles of `TILE` slots that store
 each payload byte and each metadata value of their slots side by side (`tile_layout`), so that
 compiled decode attention reads `TILE` tokens per vector load. Both are views of the same bytes,
-so a layer's Original:Quantized split is data (two capacity tensors), not a shape: the arena has one static shape for every layer and every prompt, and the compiled decode
+so a layer's Original:Quantized split is data (two capacity tensors), not a shape: the arena has
+one static shape for every layer and every prompt, and the compiled decode
 step never recompiles nor allocates cache memory. Decode attention, the demotion target search
 and the score update read the Original view and only the usable Quantized slots [q_first, M), a
 size the compiler keeps symbolic.
@@ -939,7 +940,8 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     tiles, G = payload.shape[2], H // n_kv_heads
     first = 0 if quantized_first is None or tiles < 2 else slot_bound(quantized_first.min() // lanes, tiles - 2)  # a tile
     fmt = FORMATS[kv_quant]
-    k_parts, v_parts = (fmt.parts(payload[:, :, first:, i], meta[:, :, first:, i]) for i in (0, 1))  # [B, Hkv, tiles - first, *C, L]
+    # each [B, Hkv, tiles - first, *C, L]
+    k_parts, v_parts = (fmt.parts(payload[:, :, first:, i], meta[:, :, first:, i]) for i in (0, 1))
     live_original = original_pos >= 0  # [B, Hkv, N]
     live_quantized = quantized_pos.unflatten(-1, (tiles, lanes))[:, :, first:] >= 0  # [B, Hkv, tiles - first, L]
     qg = q.view(B, n_kv_heads, G, D).float()  # [B, Hkv, G, D]
@@ -953,7 +955,8 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     total = original_exp.sum(-1, keepdim=True) + tile_exp.sum((-2, -1))[..., None]  # [B, Hkv, G, 1]
     original_probs, tile_probs = original_exp / total, tile_exp / total[..., None]
     y = weighted_sum(original_probs, torch.where(live_original[..., None], kv_original[:, :, :, 1].float(), 0.0))
-    live_lanes = live_quantized.view(*live_quantized.shape[:3], *[1] * (v_parts[0].dim() - 4), lanes)  # [B, Hkv, tiles - first, 1..., L]
+    ones = [1] * (v_parts[0].dim() - 4)
+    live_lanes = live_quantized.view(*live_quantized.shape[:3], *ones, lanes)  # [B, Hkv, tiles - first, 1..., L]
     # garbage bytes of dead slots -> 0 (0 * NaN would be NaN)
     y = y + fmt.merge([tile_weighted_sum(tile_probs, torch.where(live_lanes, v, 0.0)) for v in v_parts])  # [B, Hkv, G, D]
     probs = torch.cat([original_probs, original_probs.new_zeros(B, n_kv_heads, G, first * lanes), tile_probs.flatten(-2)],
@@ -971,7 +974,8 @@ def tile_scores(q_parts: tuple[Tensor, ...], key_parts: tuple[Tensor, ...]) -> T
                       for q_part, key_part in zip(q_parts, key_parts))  # [B, Hkv, G, n, *C, L]
         return product.sum(tuple(range(4, product.dim() - 1)))
     lanes = key_parts[0].shape[-1]
-    return sum(scores_against(q_part, lanes_to_slots(key_part)) for q_part, key_part in zip(q_parts, key_parts)).unflatten(-1, (-1, lanes))
+    scores = sum(scores_against(q_part, lanes_to_slots(key_part)) for q_part, key_part in zip(q_parts, key_parts))
+    return scores.unflatten(-1, (-1, lanes))  # [B, Hkv, G, n, L]
 
 
 def tile_weighted_sum(probs: Tensor, values: Tensor) -> Tensor:

@@ -443,7 +443,9 @@ def print_table(result: dict, longest: int, shortest: int):
     print("| weights | prompt | full tok/s (% roofline) | arkv tok/s (% roofline) | evict tok/s | arkv / full | "
           "evict / full | KV MiB full / arkv | arkv O / Q / E |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for weights, length in sorted({(row["weights"], row["length"]) for row in result["decode"]}, key=lambda k: (k[0] != float_weights, k[1])):
+    order = list(dict.fromkeys(row["weights"] for row in result["decode"]))  # the run's order: float first
+    for weights, length in sorted({(row["weights"], row["length"]) for row in result["decode"]},
+                                  key=lambda k: (order.index(k[0]), k[1])):
         full, arkv, evict = (rate[(name, weights, length)] for name in ("full", "arkv", "evict"))
         total = arkv["original"] + arkv["quantized"] + arkv["evicted"]
         print(f"| {weights} | {length} | {full['tokens_per_s']:.2f} ({full['roofline_fraction']:.0%}) | "

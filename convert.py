@@ -363,7 +363,8 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return (codes[..., :group // 2] | codes[..., group // 2:] << 4).flatten(1), scales, lo
 
 
-def quantize_state(args: ModelArgs, state: dict[str, torch.Tensor], weight_quant: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def quantize_state(args: ModelArgs, state: dict[str, torch.Tensor],
+                   weight_quant: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """Every projection (wqkv, wo, w1, w2, w3, output) as int8 + `.scales` or int4 + `.scales` and
     `.zeros`; embeddings and norms stay float. With tied embeddings the output gets its own
     quantized copy of the embedding matrix."""

@@ -36,7 +36,7 @@ class ModelArgs:
     qk_norm: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048
-    weight_quant: str = "none"  # "int8" / "int4": every projection weight-only (`Int8Linear`, `Int4Linear`; convert.py --quantize)
+    weight_quant: str = "none"  # "int8" / "int4": weight-only projections (`Int8Linear`, `Int4Linear`; convert.py)
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
