@@ -381,7 +381,7 @@ def run(opts):
                 first = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
             step_weights = weight_bytes(weights_model)
             for name, config in configs.items():
-                row_kv_dtype = weights[w][1] if w == "bfloat16" and opts.kv_dtype == "auto" else kv_dtype
+                row_kv_dtype = weights[w][1] if opts.kv_dtype == "auto" else kv_dtype  # auto: the row's compute dtype
                 manager, compress_seconds = timed(load_prefill, weights_model, pendings, length + opts.steps + 2, config,
                                                   row_kv_dtype)
                 row = dict(method=name, weights=w, length=length, load_and_compress_s=compress_seconds,

@@ -300,7 +300,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.empty(out_features, padded // self.group))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.pad(x, (0, 2 * self.weight.shape[1] - self.in_features))  # [..., in padded]
+        padding = 2 * self.weight.shape[1] - self.in_features
+        if padding:
+            x = F.pad(x, (0, padding))  # [..., in padded]
         if decode_rows(x):
             return int4_matvec(x, self.weight, self.scales, self.zeros)
         return F.linear(x, self.dequantized().to(x.dtype))
@@ -369,17 +371,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Te
 
 def scores_against(q: Tensor, keys: Tensor) -> Tensor:
     """q [B, Hkv, G, *C] . keys [B, Hkv, T, *C] -> [B, Hkv, G, T], summed over the channels C (D, or
-    a quantized format's `parts` in arkv.py). Compiled: a product summed one channel dim at a time,
-    which the compiler fuses with the keys' conversion to float32 (a 16-bit cache's cast, arkv.py's
-    int4 dequantization) and streams from memory once; a matmul reads a converted float copy,
-    written first (2-3x slower for ARKV on the CPU at 4k tokens, batch 8; the full cache's
+    a quantized format's `parts` in arkv.py). Compiled: a product summed over the channels, which
+    the compiler fuses with the keys' conversion to float32 (a 16-bit cache's cast) and streams
+    from memory once; a matmul reads a converted float copy, written first (the full cache's
     float32 bmm after 8k tokens took 0.75 ms per layer). Eager: a matmul (the product would be G
     times the keys' size)."""
     if torch.compiler.is_compiling():
-        product = q[:, :, :, None] * keys[:, :, None].float()  # [B, Hkv, G, T, *C]
-        while product.dim() > 4:
-            product = product.sum(-1)
-        return product
+        return (q[:, :, :, None] * keys[:, :, None].float()).flatten(4).sum(-1)  # [B, Hkv, G, T, *C] summed over C
     return q.flatten(3) @ keys.float().flatten(3).transpose(-1, -2)
 
 
