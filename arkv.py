@@ -634,10 +634,15 @@ class ARKVCache(nn.Module):
         (`tile_layout`); no tiles when `empty`."""
         B, Hkv, _ = self.arena.shape
         P, m = self.fmt.payload_bytes(self.head_dim), self.fmt.meta_count(self.head_dim)
-        tiles, start = 0 if empty else self.slots.quantized_slots // TILE, self.slots.tiles_offset
-        region = self.arena[..., start:start + tiles * self.slots.tile_bytes].view(B, Hkv, tiles, self.slots.tile_bytes)
+        tiles, start, size = 0 if empty else self.slots.quantized_slots // TILE, self.slots.tiles_offset, self.slots.tile_bytes
+        region = self.arena[..., start:start + tiles * size].view(B, Hkv, tiles, size)
         payload = region[..., : 2 * P * TILE].unflatten(-1, (2, P, TILE))  # [B, Hkv, tiles, 2, P, TILE]
-        meta = region[..., 2 * P * TILE:].view(self.fmt.meta_dtype).unflatten(-1, (2, m, TILE))  # [B, Hkv, tiles, 2, m, TILE]
+        # the whole arena as metadata values, then the tiles' metadata: compiled, a reinterpretation of
+        # the arena, where a typed view of a slice of it is a copy (tile starts and sizes are whole values)
+        values = self.arena.view(self.fmt.meta_dtype)  # [B, Hkv, arena_bytes / itemsize]
+        item = self.fmt.meta_dtype.itemsize
+        region = values[..., start // item:(start + tiles * size) // item].view(B, Hkv, tiles, size // item)
+        meta = region[..., 2 * P * TILE // item:].unflatten(-1, (2, m, TILE))  # [B, Hkv, tiles, 2, m, TILE]
         return payload, meta
 
     def quantized_views(self, empty: bool = False) -> tuple[Tensor, Tensor]:
@@ -791,7 +796,7 @@ class ARKVCache(nn.Module):
         once for both the demotion search and the score update. input_pos [1] or [B, 1]."""
         first = self.usable_first() if self.has_quantized else 0
         self.place(torch.stack([k, v], dim=3), input_pos.view(-1, 1, 1), first)  # kv [B, Hkv, 1, 2, D]
-        y, probs = self.attend(q)
+        y, probs = self.attend(q, first)
         self.update_stats(probs, first)
         return y
 
@@ -841,12 +846,15 @@ class ARKVCache(nn.Module):
         fresh = self.rule.fresh_stats(input_pos, self.config).expand_as(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
         scatter_slots(self.o_stats, victim, fresh)
 
-    def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """q [B, H, 1, D] -> output [B, H, 1, D], probabilities [B, Hkv, G, N + M]."""
+    def attend(self, q: Tensor, first: int | None = None) -> tuple[Tensor, Tensor]:
+        """q [B, H, 1, D] -> output [B, H, 1, D], probabilities [B, Hkv, G, N + M]. The PyTorch path
+        takes `first` (`usable_first`) where the step has read it already, rather than reading q_first again."""
         payload, meta = self.tile_views(empty=not self.has_quantized)
-        attention = kernels.tristate_attention if self.config.attention == "triton" else mixed_precision_attention
+        attention, quantized_first = mixed_precision_attention, self.q_first if first is None else first
+        if self.config.attention == "triton":
+            attention, quantized_first = kernels.tristate_attention, self.q_first
         return attention(q, self.original_view(), self.o_pos, payload, meta, self.q_pos[..., :payload.shape[2] * TILE],
-                         self.config.kv_quant, self.o_capacity, self.q_first)
+                         self.config.kv_quant, self.o_capacity, quantized_first)
 
     def usable_first(self) -> int:
         """Where the Quantized slots that can be live begin (those below q_first are empty): q_first
@@ -919,7 +927,7 @@ def scatter_slots(x: Tensor, slot: Tensor, value: Tensor):
 
 def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, payload: Tensor, meta: Tensor,
                               quantized_pos: Tensor, kv_quant: str, original_slots: Tensor | None = None,
-                              quantized_first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                              quantized_first: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
     """Decode attention over a tri-state cache: one softmax over the scores against the Original
     keys and against the dequantized Quantized keys, masked to live slots (position >= 0; keys
     carry RoPE, so slot order is free). The PyTorch twin of `kernels.tristate_attention`.
@@ -927,10 +935,11 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M / L, 2, P, L], meta
     [B, Hkv, M / L, 2, m, L] (tiles of L slots, `tile_layout`); original_pos [B, Hkv, N],
     quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities [B, Hkv, G, N + M] (float32);
-    original_slots and quantized_first [B] per row. Of the Quantized tiles it reads only those
-    that can be live in some row, from the one holding min q_first on, so its cost follows the
-    budget's bytes, not the arena's M slots; the others get probability 0. q_first is read from
-    its tensor as a size that the compiler keeps symbolic: one graph serves every split. Keys and
+    original_slots and quantized_first [B] per row (or, as `ARKVCache.decode` passes it, the least
+    q_first already read). Of the Quantized tiles it reads only those that can be live in some
+    row, from the one holding min q_first on, so its cost follows the budget's bytes, not the
+    arena's M slots; the others get probability 0. q_first is read from its tensor as a size that
+    the compiler keeps symbolic: one graph serves every split. Keys and
     values are dequantized as the format's channel blocks (`parts`: int4's two nibble halves),
     inside the products with the query (`tile_scores`) and the probabilities (`tile_weighted_sum`),
     so that compiled, no dequantized copy of the Quantized region is written. The Original view is
@@ -938,7 +947,10 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     B, H, _, D = q.shape
     n_kv_heads, N, lanes = kv_original.shape[1], kv_original.shape[2], payload.shape[-1]
     tiles, G = payload.shape[2], H // n_kv_heads
-    first = 0 if quantized_first is None or tiles < 2 else slot_bound(quantized_first.min() // lanes, tiles - 2)  # a tile
+    first = 0  # the first tile read
+    if quantized_first is not None and tiles >= 2:
+        least = slot_bound(quantized_first.min(), tiles * lanes - 1) if isinstance(quantized_first, Tensor) else quantized_first
+        first = torch.sym_min(least // lanes, tiles - 2)
     fmt = FORMATS[kv_quant]
     # each [B, Hkv, tiles - first, *C, L]
     k_parts, v_parts = (fmt.parts(payload[:, :, first:, i], meta[:, :, first:, i]) for i in (0, 1))
