@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -672,12 +673,12 @@ class ARKVCache(nn.Module):
 
     def original_slot_bytes(self, kv: Tensor) -> Tensor:
         """kv [B, Hkv, n, 2, D] -> its bytes in the cache dtype [B, Hkv, n, bytes_original]."""
-        return kv.to(self.dtype).contiguous().view(torch.uint8).flatten(-2)
+        return as_bytes(kv.to(self.dtype)).flatten(-2)
 
     def quantized_slot_bytes(self, kv: Tensor) -> Tensor:
         """kv [B, Hkv, n, 2, D] -> quantized once: payload then metadata bytes [B, Hkv, n, bytes_quantized]."""
         payload, meta = self.fmt.quantize(kv)
-        return torch.cat([payload.flatten(-2), meta.contiguous().view(torch.uint8).flatten(-2)], dim=-1)
+        return torch.cat([payload.flatten(-2), as_bytes(meta).flatten(-2)], dim=-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         if q.shape[2] > 1:
@@ -903,6 +904,23 @@ class ARKVCache(nn.Module):
             cache.q_pos[b, :, shift:], cache.q_stats[b, :, shift:] = row.q_pos[0], row.q_stats[0]
             cache.o_capacity[b], cache.q_first[b] = n_o, q_first + shift
         return cache
+
+
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def as_bytes(x: Tensor) -> Tensor:
+    """x [..., n] -> its bytes in memory order [..., n * itemsize] uint8: `x.view(torch.uint8)`, and
+    compiled the same bytes from a same-size integer view and shifts, which the compiler fuses into
+    the step's kernels (a view that changes the item size is an extern call and a kernel boundary:
+    two fewer kernels per layer in ARKV's decode step)."""
+    if not torch.compiler.is_compiling():
+        return x.contiguous().view(torch.uint8)
+    bits = x.view(INT_OF_SIZE[x.dtype.itemsize]).int()  # [..., n]
+    shifts = torch.arange(0, 8 * x.dtype.itemsize, 8, device=x.device, dtype=torch.int32)  # least significant first
+    if sys.byteorder == "big":
+        shifts = shifts.flip(0)
+    return ((bits[..., None] >> shifts) & 255).to(torch.uint8).flatten(-2)  # [..., n, itemsize] -> [..., n * itemsize]
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
