@@ -636,14 +636,14 @@ class ARKVCache(nn.Module):
         B, Hkv, _ = self.arena.shape
         P, m = self.fmt.payload_bytes(self.head_dim), self.fmt.meta_count(self.head_dim)
         tiles, start, size = 0 if empty else self.slots.quantized_slots // TILE, self.slots.tiles_offset, self.slots.tile_bytes
-        region = self.arena[..., start:start + tiles * size].view(B, Hkv, tiles, size)
-        payload = region[..., : 2 * P * TILE].unflatten(-1, (2, P, TILE))  # [B, Hkv, tiles, 2, P, TILE]
+        tile_bytes = self.arena[..., start:start + tiles * size].view(B, Hkv, tiles, size)
+        payload = tile_bytes[..., : 2 * P * TILE].unflatten(-1, (2, P, TILE))  # [B, Hkv, tiles, 2, P, TILE]
         # the whole arena as metadata values, then the tiles' metadata: compiled, a reinterpretation of
         # the arena, where a typed view of a slice of it is a copy (tile starts and sizes are whole values)
-        values = self.arena.view(self.fmt.meta_dtype)  # [B, Hkv, arena_bytes / itemsize]
         item = self.fmt.meta_dtype.itemsize
-        region = values[..., start // item:(start + tiles * size) // item].view(B, Hkv, tiles, size // item)
-        meta = region[..., 2 * P * TILE // item:].unflatten(-1, (2, m, TILE))  # [B, Hkv, tiles, 2, m, TILE]
+        values = self.arena.view(self.fmt.meta_dtype)  # [B, Hkv, arena_bytes / itemsize]
+        tile_values = values[..., start // item:(start + tiles * size) // item].view(B, Hkv, tiles, size // item)
+        meta = tile_values[..., 2 * P * TILE // item:].unflatten(-1, (2, m, TILE))  # [B, Hkv, tiles, 2, m, TILE]
         return payload, meta
 
     def quantized_views(self, empty: bool = False) -> tuple[Tensor, Tensor]:
@@ -851,9 +851,9 @@ class ARKVCache(nn.Module):
         """q [B, H, 1, D] -> output [B, H, 1, D], probabilities [B, Hkv, G, N + M]. The PyTorch path
         takes `first` (`usable_first`) where the step has read it already, rather than reading q_first again."""
         payload, meta = self.tile_views(empty=not self.has_quantized)
-        attention, quantized_first = mixed_precision_attention, self.q_first if first is None else first
-        if self.config.attention == "triton":
-            attention, quantized_first = kernels.tristate_attention, self.q_first
+        triton = self.config.attention == "triton"
+        attention = kernels.tristate_attention if triton else mixed_precision_attention
+        quantized_first = self.q_first if triton or first is None else first
         return attention(q, self.original_view(), self.o_pos, payload, meta, self.q_pos[..., :payload.shape[2] * TILE],
                          self.config.kv_quant, self.o_capacity, quantized_first)
 
