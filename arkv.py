@@ -678,7 +678,7 @@ class ARKVCache(nn.Module):
     def quantized_slot_bytes(self, kv: Tensor) -> Tensor:
         """kv [B, Hkv, n, 2, D] -> quantized once: payload then metadata bytes [B, Hkv, n, bytes_quantized]."""
         payload, meta = self.fmt.quantize(kv)
-        return torch.cat([payload.flatten(-2), as_bytes(meta).flatten(-2)], dim=-1)
+        return cat_bytes([payload.flatten(-2), as_bytes(meta).flatten(-2)])
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         if q.shape[2] > 1:
@@ -842,7 +842,7 @@ class ARKVCache(nn.Module):
             scatter_slots(self.q_stats, target, torch.where(demote[..., None], victim_stats, old_stats))
         # one index_put on the flat bytes: compiled, it touches only those bytes, where a scatter_,
         # or a second index_put on the same buffer, makes the compiler copy the whole arena
-        self.arena.view(-1)[torch.cat(index, dim=-1).flatten()] = torch.cat(value, dim=-1).flatten()
+        self.arena.view(-1)[torch.cat(index, dim=-1).flatten()] = cat_bytes(value).flatten()
         scatter_slots(self.o_pos, victim, input_pos.expand_as(victim))
         fresh = self.rule.fresh_stats(input_pos, self.config).expand_as(self.o_stats[:, :, :1])  # [B, Hkv, 1, 3]
         scatter_slots(self.o_stats, victim, fresh)
@@ -921,6 +921,15 @@ def as_bytes(x: Tensor) -> Tensor:
     if sys.byteorder == "big":
         shifts = shifts.flip(0)
     return ((bits[..., None] >> shifts) & 255).to(torch.uint8).flatten(-2)  # [..., n, itemsize] -> [..., n * itemsize]
+
+
+def cat_bytes(parts: list[Tensor]) -> Tensor:
+    """uint8 tensors [..., n_i] -> [..., sum n_i], concatenated along the last dim. Compiled, through
+    int16: the compiler's CPU cat of uint8 tensors is an extern call between kernels, of wider ones
+    each part written into its slice by the kernel that computes it."""
+    if not torch.compiler.is_compiling():
+        return torch.cat(parts, dim=-1)
+    return torch.cat([part.to(torch.int16) for part in parts], dim=-1).to(torch.uint8)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
