@@ -14,8 +14,9 @@
 4. KV bytes allocated (from the tensors) and peak memory (CUDA: max allocated; CPU: peak RSS of
    the process above its RSS once the model is loaded, Linux /proc).
 5. With --transformers: our full-cache decode vs transformers' generate on the same GGUF weights.
-6. The bound: the machine's read bandwidth (a 1 GiB tensor summed, best of 5) and, for every decode
-   row, the bytes a step must read (every projection weight once, plus the live K/V bytes), the
+6. The bound: the machine's read bandwidth (a 1 GiB tensor summed, best of 5, before every round of
+   decode steps; a row's bound is the median over the rounds it ran in, since a shared machine's
+   bandwidth drifts within a run) and, for every decode row, the bytes a step must read (every projection weight once, plus the live K/V bytes), the
    roofline tokens/s that bandwidth allows, and the fraction reached.
 7. With --quantize int8 [int4]: the same decode rows for weight-only int8 / int4 (convert.py --quantize,
    made from --checkpoint into <checkpoint>-int8 / -int4 on first use) beside the float ones; and on a
@@ -44,7 +45,7 @@ from torch._inductor import config as inductor_config
 
 from arkv import ARKV, ARKVConfig
 from eval import load_prefill, prefill_once
-from generate import (DTYPES, CheckpointError, OneLineParser, chunk_bounds, decode_one_token, default_checkpoint,
+from generate import (DTYPES, CheckpointError, OneLineParser, chunk_bounds, compile_decode_step, default_checkpoint,
                       load_model, positive_int, resolve_attention, resolve_device)
 from model import full_cache
 from tokenizer import load_tokenizer
@@ -99,6 +100,7 @@ def decode_rate(step, model, first: torch.Tensor, seq_len: int, steps: int) -> t
 def read_bandwidth(device: torch.device) -> float:
     """Bytes/s of reading a 1 GiB float32 tensor once (a sum), best of 5."""
     data = torch.ones(2**28, device=device)
+    sync(device)
     best = math.inf
     for _ in range(6):  # the first one warms up
         start = time.perf_counter()
@@ -179,20 +181,22 @@ def use_caches(model, caches: list):
         layer.attention.kv_cache = cache
 
 
-def interleaved_rates(decode_steps: dict, first: torch.Tensor, runs: dict, steps: int, rounds: int) -> dict:
-    """runs[name] = (model, caches, sequence length) -> {name: (first step seconds, median tokens/s
-    over `rounds` rounds of `steps` steps)}. The runs take turns within each round, so that a slow
-    patch of a shared machine slows all of them rather than one; decode_steps[name before any '@']
-    is its compiled step. Every round restarts at the sequence length on the state the last one
-    left: the shapes, hence the cost, are the same."""
-    first_step, rates = {}, {name: [] for name in runs}
+def interleaved_rates(decode_steps: dict, first: torch.Tensor, runs: dict, steps: int,
+                      rounds: int) -> tuple[dict, float]:
+    """runs[name] = (model, caches, sequence length) -> ({name: (first step seconds, median tokens/s
+    over `rounds` rounds of `steps` steps)}, median read bandwidth measured before each round). The
+    runs take turns within each round, so that a slow patch of a shared machine slows all of them
+    rather than one; decode_steps[name before any '@'] is its compiled step. Every round restarts
+    at the sequence length on the state the last one left: the shapes, hence the cost, are the same."""
+    first_step, rates, bandwidths = {}, {name: [] for name in runs}, []
     for _ in range(rounds):
+        bandwidths.append(read_bandwidth(first.device))
         for name, (model, caches, seq_len) in runs.items():
             use_caches(model, caches)
             seconds, rate = decode_rate(decode_steps[name.partition("@")[0]], model, first, seq_len, steps)
             first_step.setdefault(name, seconds)
             rates[name].append(rate)
-    return {name: (first_step[name], statistics.median(rates[name])) for name in runs}
+    return {name: (first_step[name], statistics.median(rates[name])) for name in runs}, statistics.median(bandwidths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,22 +361,19 @@ def run(opts):
     if longest + opts.steps + 2 > model.args.max_seq_len:
         raise CheckpointError(f"--lengths {longest}: the model context is {model.args.max_seq_len}")
     ids = prompt_tokens(load_tokenizer(checkpoint), longest)
-    bandwidth = read_bandwidth(device)
     attention = resolve_attention(opts.attention, device)
     configs = {"full": None,
                "arkv": ARKVConfig(kv_budget=opts.kv_budget, attention=attention),
                "evict": ARKVConfig(kv_budget=opts.kv_budget, method="evict", attention=attention)}
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
     for limit in ("recompile_limit", "accumulated_recompile_limit"):  # graphs: cache sizes x weights x methods
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     if opts.profile:  # the CPU kernels that inductor writes then record themselves (the rows' rates include that)
         inductor_config.cpp.enable_kernel_profile = True
     # static shapes: dynamic=True would make the blocks' float constants symbolic, which a nested
     # compile region does not take; each full-cache size compiles once (about 12 s on this CPU)
-    decode_steps = {f"{name}:{w}": torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False)
-                    for name in configs for w in models}
+    decode_steps = {f"{name}:{w}": compile_decode_step(device, dynamic=False) for name in configs for w in models}
     counters.clear()
-    decode, equal, equal_rate, profiles = [], None, None, {}
+    decode, equal, equal_rate, profiles, bandwidths = [], None, None, {}, []
     for length in sorted(opts.lengths):
         runs, rows = {}, {}
         for w, weights_model in models.items():
@@ -400,9 +401,10 @@ def run(opts):
             equal = round(rows[f"arkv:{opts.dtype}"]["live_tokens"])  # (it decodes from this prompt's first token too)
             load_prefill(model, prefill_once(model, ids[:equal])[0], equal + opts.steps + 2, None, kv_dtype)
             runs[f"full:{opts.dtype}@live"] = (model, model_caches(model), equal)
-        rates = interleaved_rates(decode_steps, first, runs, opts.steps, opts.rounds)
+        rates, bandwidth = interleaved_rates(decode_steps, first, runs, opts.steps, opts.rounds)
+        bandwidths.append(bandwidth)
         for name, row in rows.items():
-            row.update(first_step_s=rates[name][0], tokens_per_s=rates[name][1],
+            row.update(first_step_s=rates[name][0], tokens_per_s=rates[name][1], read_bandwidth_bytes_per_s=bandwidth,
                        roofline_tokens_per_s=bandwidth / row["step_bytes"])
             row["roofline_fraction"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
             decode.append(row)
@@ -426,7 +428,7 @@ def run(opts):
         extra["profile_ms_per_step"] = profiles
     result = dict(command=" ".join(["python", *sys.argv]), device=str(device), dtype=opts.dtype,
                   kv_dtype=str(kv_dtype).removeprefix("torch."), kv_budget=opts.kv_budget, attention=attention,
-                  read_bandwidth_bytes_per_s=bandwidth, n_layer=model.args.n_layer, decode=decode,
+                  read_bandwidth_bytes_per_s=statistics.median(bandwidths), n_layer=model.args.n_layer, decode=decode,
                   bookkeeping=dict(live_tokens=equal, full_tokens_per_s=equal_rate),
                   prefill=prefill, compiled_graphs=graphs, seconds=time.perf_counter() - started, **extra)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -439,7 +441,8 @@ def print_table(result: dict, longest: int, shortest: int):
     float_weights = result["dtype"]
     mib = 2**20
     print(f"\n{result['device']}, {result['dtype']} compute, {result['kv_dtype']} K/V, --kv-budget {result['kv_budget']}, "
-          f"attention {result['attention']}; read bandwidth {result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s\n")
+          f"attention {result['attention']}; read bandwidth {result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+          "(median over the rounds)\n")
     print("| weights | prompt | full tok/s (% roofline) | arkv tok/s (% roofline) | evict tok/s | arkv / full | "
           "evict / full | KV MiB full / arkv | arkv O / Q / E |")
     print("|---|---|---|---|---|---|---|---|---|")

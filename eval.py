@@ -57,7 +57,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token, decode_family, window_pending
-from generate import (DTYPES, CheckpointError, OneLineParser, decode_one_token, default_checkpoint, kv_budget,
+from generate import (DTYPES, CheckpointError, OneLineParser, compile_decode_step, decode_one_token, default_checkpoint, kv_budget,
                       load_model, pool_kernel, positive_int, resolve_attention, resolve_device)
 from model import KVCache, full_cache
 from tasks import FAMILIES, LONGBENCH_METRICS, Sample, load_gsm8k, load_longbench, score, synthetic_sample
@@ -636,8 +636,7 @@ def run(opts, argv: list[str]):
     if opts.compile:
         for limit in ("recompile_limit", "accumulated_recompile_limit"):  # graphs (methods x shapes), not steps
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4096))
-        step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
-                             mode="reduce-overhead" if device.type == "cuda" else "default")
+        step = compile_decode_step(device, dynamic=False)
     groups = defaultdict(list)  # (decode family, budget) -> its methods: their rows decode in shared batches
     for m in methods:
         for b in [None] if m.method == "full" else budgets:

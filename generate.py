@@ -160,6 +160,15 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, tempe
     return sample(model(token, input_pos)[:, -1], temperature, top_k)
 
 
+def compile_decode_step(device: torch.device, dynamic: bool | None = None) -> Callable:
+    """`decode_one_token` compiled whole: with CUDA graphs on CUDA (gpt-fast's "reduce-overhead"), and
+    without inductor's size and alignment asserts on every buffer each step (dynamo's guards already
+    check the inputs' sizes and strides): on the CPU the step's host wrapper is Python run every
+    step, measured 1.5 -> 0.9 ms per SmolLM2 int8 step."""
+    options = {"triton.cudagraphs": device.type == "cuda", "size_asserts": False, "alignment_asserts": False}
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=dynamic, options=options)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, eos_ids: list[int] = (),
              temperature: float = 0.0, top_k: int | None = None, prefill_step: Callable = prefill,
@@ -589,8 +598,7 @@ def run(opts: argparse.Namespace):
     model.setup_caches(1, len(ids) + max_new_tokens, manager.cache_factory if manager else full_cache, kv_dtype)
     decode_step, prefill_step = decode_one_token, prefill
     if opts.compile:
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        decode_step = torch.compile(decode_one_token, fullgraph=True, mode=mode)
+        decode_step = compile_decode_step(device)
     if opts.compile_prefill:
         prefill_step = torch.compile(prefill, dynamic=True)
     prompt = torch.tensor([ids], device=device)

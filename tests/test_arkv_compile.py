@@ -4,7 +4,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from arkv import ARKV, FORMATS, ARKVConfig, mixed_precision_attention
-from generate import decode_one_token, generate
+from generate import compile_decode_step, decode_one_token, generate
 from model import ModelArgs, Transformer
 from test_kernels import filled_cache
 
@@ -23,7 +23,7 @@ def test_compiled_arkv_decode_equals_eager_without_recompiling(method, policy, a
     model = Transformer(ARGS).to(device).eval()
     config = ARKVConfig(kv_budget=24, window=8, method=method, oq_policy=policy, attention=attention)
     manager = ARKV(config, ARGS, torch.float32)
-    compiled_step = torch.compile(decode_one_token, fullgraph=True)
+    compiled_step = compile_decode_step(torch.device(device))
     torch._dynamo.reset()
     counters.clear()
     for prompt_len in (100, 137):  # two prompts of different length, 64 decode steps each

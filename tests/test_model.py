@@ -149,7 +149,7 @@ def test_stories260k_reproduces_llama2c_golden_output(tmp_path):
 def test_compiled_decode_equals_eager_without_recompiling(tmp_path):
     from torch._dynamo.utils import counters
 
-    from generate import decode_one_token
+    from generate import compile_decode_step
 
     _, ours = converted(tmp_path, "llama-gqa-untied", "rope_parameters")
     prompt = torch.randint(0, TINY["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(4))
@@ -157,7 +157,7 @@ def test_compiled_decode_equals_eager_without_recompiling(tmp_path):
     eager, _ = generate(ours, prompt, 33)
     torch._dynamo.reset()
     counters.clear()
-    compiled_step = torch.compile(decode_one_token, fullgraph=True)
+    compiled_step = compile_decode_step(torch.device("cpu"))
     compiled, _ = generate(ours, prompt, 33, decode_step=compiled_step)  # 32 decode steps
     assert compiled == eager
     assert counters["stats"]["unique_graphs"] == 1  # one graph for all 32 steps: no recompilation
