@@ -1007,12 +1007,17 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
 def tile_scores(q_parts: tuple[Tensor, ...], key_parts: tuple[Tensor, ...]) -> Tensor:
     """sum_c q_c k_tc over a format's channel blocks: q parts [B, Hkv, G, *C], key parts of tiles of
     L tokens [B, Hkv, n, *C, L] -> [B, Hkv, G, n, L]. Compiled: the products summed over the
-    channels, vectorised along each tile's L tokens (no horizontal sum per token); eager: a matmul
-    per block (`scores_against`)."""
+    channels, vectorised along each tile's L tokens (no horizontal sum per token), one sum per query
+    head of the GQA group: sums over the same loops, which the compiler runs as one loop that
+    dequantizes each key once for the G heads (one [G, ...] sum dequantized it G times: the int4
+    attention of one SmolLM2 layer, 102 tiles, 396 -> 260 us); eager: a matmul per block (`scores_against`)."""
     if torch.compiler.is_compiling():
-        product = sum(q_part[:, :, :, None, ..., None] * key_part[:, :, None]
-                      for q_part, key_part in zip(q_parts, key_parts))  # [B, Hkv, G, n, *C, L]
-        return product.sum(tuple(range(4, product.dim() - 1)))
+        per_head = []
+        for g in range(q_parts[0].shape[2]):
+            product = sum(q_part[:, :, g, None, ..., None] * key_part
+                          for q_part, key_part in zip(q_parts, key_parts))  # [B, Hkv, n, *C, L]
+            per_head.append(product.sum(tuple(range(3, product.dim() - 1))))  # [B, Hkv, n, L]
+        return torch.stack(per_head, dim=2)
     lanes = key_parts[0].shape[-1]
     scores = sum(scores_against(q_part, lanes_to_slots(key_part)) for q_part, key_part in zip(q_parts, key_parts))
     return scores.unflatten(-1, (-1, lanes))  # [B, Hkv, G, n, L]
@@ -1020,10 +1025,10 @@ def tile_scores(q_parts: tuple[Tensor, ...], key_parts: tuple[Tensor, ...]) -> T
 
 def tile_weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
     """sum_t p_t v_tc for one channel block: probs [B, Hkv, G, n, L], values of tiles of L tokens
-    [B, Hkv, n, *C, L] -> [B, Hkv, G, *C]; compiled and eager as `tile_scores`."""
+    [B, Hkv, n, *C, L] -> [B, Hkv, G, *C]; compiled and eager as `tile_scores` (a sum per query head)."""
     if torch.compiler.is_compiling():
         p = probs.view(*probs.shape[:4], *[1] * (values.dim() - 4), probs.shape[-1])  # [B, Hkv, G, n, 1..., L]
-        return (p * values[:, :, None]).sum((3, -1))
+        return torch.stack([(p[:, :, g] * values).sum((2, -1)) for g in range(probs.shape[2])], dim=2)
     return weighted_sum(probs.flatten(-2), lanes_to_slots(values))
 
 
