@@ -163,6 +163,22 @@ def test_compiled_decode_equals_eager_without_recompiling(tmp_path):
     assert counters["stats"]["unique_graphs"] == 1  # one graph for all 32 steps: no recompilation
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_attention_equals_eager(kv_dtype):
+    """The compiled decode attention (a sum per query head of the GQA group) equals eager's matmuls,
+    for every head of a 3-head group, rows with their own valid slots, and a 16-bit cache."""
+    from model import decode_attention
+
+    torch.manual_seed(0)
+    B, n_kv_heads, G, T, D = 2, 2, 3, 70, 64
+    q = torch.randn(B, n_kv_heads * G, 1, D)
+    k, v = (torch.randn(B, n_kv_heads, T, D).to(kv_dtype) for _ in range(2))
+    valid = torch.rand(B, 1, T) < 0.8
+    compiled = torch.compile(decode_attention, fullgraph=True, dynamic=False)
+    for got, expected in zip(compiled(q, k, v, valid), decode_attention(q, k, v, valid)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_gguf_tokenizer_matches_hf_tokenizers(smollm2_checkpoint):
     """convert.py's tokenizer.json loads in Hugging Face `tokenizers` and encodes like tokenizer.py."""
     from tokenizers import Tokenizer as HFTokenizer
