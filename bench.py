@@ -16,8 +16,9 @@
 5. With --transformers: our full-cache decode vs transformers' generate on the same GGUF weights.
 6. The bound: the machine's read bandwidth (a 1 GiB tensor summed, best of 5, before every round of
    decode steps; a row's bound is the median over the rounds it ran in, since a shared machine's
-   bandwidth drifts within a run) and, for every decode row, the bytes a step must read (every projection weight once, plus the live K/V bytes), the
-   roofline tokens/s that bandwidth allows, and the fraction reached.
+   bandwidth drifts within a run) and, for every decode row, the bytes a step must read (every
+   projection weight once, plus the live K/V bytes), the roofline tokens/s that bandwidth allows,
+   and the fraction reached.
 7. With --quantize int8 [int4]: the same decode rows for weight-only int8 / int4 (convert.py --quantize,
    made from --checkpoint into <checkpoint>-int8 / -int4 on first use) beside the float ones; and on a
    CPU that computes bfloat16 natively (AVX-512 BF16 or AMX, /proc/cpuinfo), float32 runs get bfloat16

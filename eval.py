@@ -57,8 +57,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token, decode_family, window_pending
-from generate import (DTYPES, CheckpointError, OneLineParser, compile_decode_step, decode_one_token, default_checkpoint, kv_budget,
-                      load_model, pool_kernel, positive_int, resolve_attention, resolve_device)
+from generate import (DTYPES, CheckpointError, OneLineParser, compile_decode_step, decode_one_token, default_checkpoint,
+                      kv_budget, load_model, pool_kernel, positive_int, resolve_attention, resolve_device)
 from model import KVCache, full_cache
 from tasks import FAMILIES, LONGBENCH_METRICS, Sample, load_gsm8k, load_longbench, score, synthetic_sample
 from tokenizer import load_tokenizer
