@@ -27,8 +27,8 @@ compiled decode attention reads `TILE` tokens per vector load. Both are views of
 so a layer's Original:Quantized split is data (two capacity tensors), not a shape: the arena has
 one static shape for every layer and every prompt, and the compiled decode
 step never recompiles nor allocates cache memory. Decode attention, the demotion target search
-and the score update read the Original view and only the usable Quantized slots [q_first, M), a
-size the compiler keeps symbolic.
+and the score update read both views whole, the slots outside a row's capacities masked (see
+`ARKVCache.attend` for why the compiled step does not skip the Quantized slots below q_first).
 """
 from __future__ import annotations
 
@@ -793,15 +793,13 @@ class ARKVCache(nn.Module):
     # -- decode -----------------------------------------------------------------------------
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Place the new token (demoting or evicting one), then attend over the tri-state cache
-        and update the slot scores with this step's attention. `first` (see usable_first) is read
-        once for both the demotion search and the score update. input_pos [1] or [B, 1]."""
-        first = self.usable_first() if self.has_quantized else 0
-        self.place(torch.stack([k, v], dim=3), input_pos.view(-1, 1, 1), first)  # kv [B, Hkv, 1, 2, D]
+        and update the slot scores with this step's attention. input_pos [1] or [B, 1]."""
+        self.place(torch.stack([k, v], dim=3), input_pos.view(-1, 1, 1))  # kv [B, Hkv, 1, 2, D]
         y, probs = self.attend(q)
-        self.update_stats(probs, first)
+        self.update_stats(probs)
         return y
 
-    def place(self, new_kv: Tensor, input_pos: Tensor, first: int):
+    def place(self, new_kv: Tensor, input_pos: Tensor):
         """The new token takes a free Original slot; with none free, the weakest Original token
         outside the window (the token leaving the window included) is demoted: quantized once
         into a free Quantized slot, or over the weakest Quantized token if that one scores lower
@@ -820,17 +818,14 @@ class ARKVCache(nn.Module):
         if self.has_quantized:
             victim_stats = gather_rows(self.o_stats, victim)  # [B, Hkv, 1, 3]
             victim_kv = gather_rows(self.original_view(), victim)  # [B, Hkv, 1, 2, D]
-            # the target search covers [first, M); a slot below q_first (first < q_first on the Triton
-            # path, or when q_first == M) is never a target
-            M = self.q_pos.shape[-1]
-            q_slot = torch.arange(first, M, device=input_pos.device)
-            q_score = self.rule.slot_score(self.q_stats[:, :, first:], self.config)  # [B, Hkv, M - first]
-            q_key = torch.where(self.q_pos[..., first:] < 0, -inf, q_score)
-            q_key = q_key.masked_fill(q_slot < self.q_first[:, None, None], inf)  # [B, Hkv, M - first]
-            offset = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
-            target = offset + first
+            # a slot below q_first (behind the row's Original capacity) is never a target
+            q_slot = torch.arange(self.q_pos.shape[-1], device=input_pos.device)
+            q_score = self.rule.slot_score(self.q_stats, self.config)  # [B, Hkv, M]
+            q_key = torch.where(self.q_pos < 0, -inf, q_score)
+            q_key = q_key.masked_fill(q_slot < self.q_first[:, None, None], inf)  # [B, Hkv, M]
+            target = q_key.argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
             victim_score = self.rule.slot_score(victim_stats, self.config)  # [B, Hkv, 1]
-            demote = (victim_pos >= 0) & (q_key.gather(2, offset) < victim_score)  # [B, Hkv, 1]
+            demote = (victim_pos >= 0) & (q_key.gather(2, target) < victim_score)  # [B, Hkv, 1]
             # Without a demotion the Quantized write repeats the first bytes of the Original one
             # (same places, same values): the target may lie in the Original region (no Quantized
             # region), and an index_put with conflicting duplicates has no defined order.
@@ -863,22 +858,14 @@ class ARKVCache(nn.Module):
         return attention(q, self.original_view(), self.o_pos, payload, meta, self.q_pos[..., :payload.shape[2] * TILE],
                          self.config.kv_quant, self.o_capacity, quantized_first)
 
-    def usable_first(self) -> int:
-        """Where the Quantized slots that can be live begin (those below q_first are empty): q_first
-        clamped to M - 1, a symbolic size under torch.compile (see `slot_bound`). On the Triton path
-        0 (the whole view, masked): reading q_first on the host would keep CUDA graphs out."""
-        if self.config.attention == "triton":
-            return 0
-        return slot_bound(self.q_first.min(), self.q_pos.shape[-1] - 1)
-
-    def update_stats(self, probs: Tensor, first: int):
+    def update_stats(self, probs: Tensor):
         """The live slots' statistics after this step's attention probs [B, Hkv, G, N + M], averaged
         over the GQA group (`rule.update`)."""
         attention = probs.mean(dim=2)  # [B, Hkv, N + M]
         N = self.o_stats.shape[2]
         regions = [(self.o_stats, self.o_pos, attention[..., :N])]
-        if self.has_quantized:  # the Quantized slots [first, M) only: those below q_first are empty
-            regions.append((self.q_stats[:, :, first:], self.q_pos[..., first:], attention[..., N + first:]))
+        if self.has_quantized:
+            regions.append((self.q_stats, self.q_pos, attention[..., N:]))
         for stats, pos, a in regions:
             stats.copy_(torch.where((pos >= 0)[..., None], self.rule.update(stats, a, self.config), stats))
 
