@@ -389,21 +389,22 @@ def scores_against(q: Tensor, keys: Tensor) -> Tensor:
     return q.flatten(3) @ keys.float().flatten(3).transpose(-1, -2)
 
 
-def weighted_sum(probs: Tensor, values: Tensor, width: int = 16) -> Tensor:
+def weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
     """probs [B, Hkv, G, T] . values [B, Hkv, T, *C] -> [B, Hkv, G, *C], fused as `scores_against`.
-    Compiled: one sum per query head and block of `width` channels (one AVX-512 vector of float32),
+    Compiled: one sum per query head and block of 16 channels (one AVX-512 vector of float32),
     all over the same loop, so the compiler runs one pass over the slots that reads each value row
-    whole and adds it into G * C / width vector accumulators; a sum over all C channels at once was
+    whole and adds it into G * C / 16 vector accumulators; a sum over all C channels at once was
     compiled as one pass per block of channels, each reading a strided 64 bytes of every row (one
     layer's attention over 8,160 float32 slots, SmolLM2: 990 -> 651 us; 2,064 slots: 278 -> 197 us)."""
     if torch.compiler.is_compiling():
         B, n_kv_heads, G, T = probs.shape
-        channels = values[0, 0, 0].numel()
-        width = width if channels % width == 0 else channels
+        channels = math.prod(values.shape[3:])
+        width = 16 if channels % 16 == 0 else channels
         blocks = values.float().reshape(B, n_kv_heads, T, channels // width, width)  # [B, Hkv, T, C / width, width]
         p = probs[..., None]  # [B, Hkv, G, T, 1]
+        # G * C / width sums over T, each [B, Hkv, width]
         sums = [(p[:, :, g] * blocks[:, :, :, c]).sum(2) for g in range(G) for c in range(channels // width)]
-        return torch.stack(sums, dim=2).view(B, n_kv_heads, G, *values.shape[3:])  # G * C / width x [B, Hkv, width]
+        return torch.stack(sums, dim=2).view(B, n_kv_heads, G, *values.shape[3:])
     return (probs @ values.float().flatten(3)).view(*probs.shape[:3], *values.shape[3:])
 
 
