@@ -1,20 +1,152 @@
-"""Triton kernels for ARKV's decode step. Each has a plain-PyTorch twin that it must equal
-(tests/test_kernels.py): the twin is what the CPU (and `--attention torch`) runs, compiled.
+"""Decode attention: one query per sequence against a layer's cache, with grouped-query attention.
 
-- `tristate_attention`: one decode query per sequence against a layer's tri-state cache, the
-  Original slots read at full precision and the Quantized slots (fp8, int8, packed int4)
-  dequantized in registers; GQA without repeating K/V; dead slots masked; online softmax, split
-  over the slots so that long caches fill the GPU (flash-decoding). Twin:
-  `arkv.mixed_precision_attention`.
+Compiled PyTorch, which torch.compile fuses into the decode step (what the CPU runs):
+- `decode_attention`: the full cache (`model.KVCache`); `scores_against` and `weighted_sum` are its
+  two products, shared with the tri-state attention.
+- `mixed_precision_attention`: ARKV's tri-state cache, the Original slots read at full precision and
+  the Quantized slots (fp8, int8, packed int4; `kv_arena.FORMATS`) dequantized inside the products.
 
-The prefill statistics and quantize-on-demote stay in compiled PyTorch (arkv.py): the statistics
-read one [W, T] probability block per head, and quantization is a handful of elementwise ops that
-the compiler fuses into the decode step.
+Triton (`--attention triton`, on a GPU):
+- `tristate_attention`: the twin of `mixed_precision_attention`, same arguments and results (tested
+  against it and against a float64 reference, tests/test_decode_kernels.py): online softmax, split
+  over the slots so that long caches fill the GPU (flash-decoding), reading only each row's usable
+  slots.
+
+The file is not called `kernels.py`: that name would shadow Hugging Face's `kernels` package, which
+transformers imports, for any program started from the project root.
 """
 from __future__ import annotations
 
+import functools
+import math
+import operator
+
 import torch
 from torch import Tensor
+
+from kv_arena import FORMATS, lanes_to_slots
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """One query per sequence: softmax(q k^T / sqrt(D), masked to `valid` slots) v, with GQA, in float32
+    whatever K/V are stored in (`scores_against`, `weighted_sum`).
+
+    q [B, H, 1, D]; k, v [B, Hkv, T, D]; valid [T], [B, 1, T] or [B, Hkv, T] bool. Query head h = g * G + j
+    reads KV head g (G = H / Hkv), so q is viewed as [B, Hkv, G, D] and K/V are never repeated.
+    The values are summed with the unnormalised weights exp(s - max s) and the [G, D] sum divided
+    by their total once, not each weight inside the loop over the slots.
+    Returns the output [B, H, 1, D] and the probabilities [B, Hkv, G, T] (float32)."""
+    B, H, _, D = q.shape
+    n_kv_heads = k.shape[1]
+    qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
+    scores = (scores_against(qg, k) * D**-0.5).masked_fill(~valid.unsqueeze(-2), -torch.inf)  # [B, Hkv, G, T]
+    exp = (scores - scores.amax(-1, keepdim=True)).exp()
+    total = exp.sum(-1, keepdim=True)  # [B, Hkv, G, 1]
+    y = weighted_sum(exp, v) / total  # [B, Hkv, G, D]
+    return y.to(q.dtype).view(B, H, 1, D), exp / total
+
+
+def scores_against(q: Tensor, keys: Tensor) -> Tensor:
+    """q [B, Hkv, G, *C] . keys [B, Hkv, T, *C] -> [B, Hkv, G, T], summed over the channels C (D, or
+    a quantized format's `parts`). Compiled: a product summed over the channels, which the compiler
+    fuses with the keys' conversion to float32 (a 16-bit cache's cast) and streams from memory
+    once, where a matmul would read a converted copy written first. One sum per query head of the
+    GQA group: sums over the same loops, which the compiler runs as one loop reading each key once
+    for the G heads. Eager: a matmul (the product would be G times the keys' size)."""
+    if torch.compiler.is_compiling():
+        keys = keys.float()
+        per_head = [(q[:, :, g, None] * keys).flatten(3).sum(-1) for g in range(q.shape[2])]  # G x [B, Hkv, T]
+        return torch.stack(per_head, dim=2)
+    return q.flatten(3) @ keys.float().flatten(3).transpose(-1, -2)
+
+
+def weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
+    """probs [B, Hkv, G, T] . values [B, Hkv, T, *C] -> [B, Hkv, G, *C], fused as `scores_against`.
+    Compiled: one sum per query head and block of 16 channels (one AVX-512 vector of float32),
+    all over the same loop, so the compiler runs one pass over the slots that reads each value row
+    whole and adds it into G * C / 16 vector accumulators (a sum over all C channels at once is
+    compiled as one pass per block of channels, each reading a strided 64 bytes of every row)."""
+    if torch.compiler.is_compiling():
+        B, n_kv_heads, G, T = probs.shape
+        channels = math.prod(values.shape[3:])
+        width = 16 if channels % 16 == 0 else channels
+        blocks = values.float().reshape(B, n_kv_heads, T, channels // width, width)  # [B, Hkv, T, C / width, width]
+        p = probs[..., None]  # [B, Hkv, G, T, 1]
+        # G * C / width sums over T, each [B, Hkv, width]
+        sums = [(p[:, :, g] * blocks[:, :, :, c]).sum(2) for g in range(G) for c in range(channels // width)]
+        return torch.stack(sums, dim=2).view(B, n_kv_heads, G, *values.shape[3:])
+    return (probs @ values.float().flatten(3)).view(*probs.shape[:3], *values.shape[3:])
+
+
+def mixed_precision_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, payload: Tensor, meta: Tensor,
+                              quantized_pos: Tensor, kv_quant: str) -> tuple[Tensor, Tensor]:
+    """Decode attention over a tri-state cache: one softmax over the scores against the Original
+    keys and against the dequantized Quantized keys, masked to live slots (position >= 0; keys
+    carry RoPE, so slot order is free). The PyTorch twin of `tristate_attention`.
+
+    q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M / L, 2, P, L], meta
+    [B, Hkv, M / L, 2, m, L] (tiles of L slots, `kv_arena.tile_layout`); original_pos [B, Hkv, N],
+    quantized_pos [B, Hkv, M] -> output [B, H, 1, D] and probabilities [B, Hkv, G, N + M] (float32).
+    Every slot is read, dead ones masked: a range of tiles starting at a slot read at run time
+    would have no size hint for the compiler, which then keeps the per-query-head sums of
+    `tile_scores` apart and dequantizes every key G times. Keys and values are dequantized as the
+    format's channel blocks (`parts`: int4's two nibble halves), inside the products with the
+    query (`tile_scores`) and the probabilities (`tile_weighted_sum`), so that compiled, no
+    dequantized copy of the Quantized region is written; both sums take the unnormalised weights
+    and the output is divided by their total once (as `decode_attention`)."""
+    B, H, _, D = q.shape
+    n_kv_heads, lanes = kv_original.shape[1], payload.shape[-1]
+    tiles, G = payload.shape[2], H // n_kv_heads
+    fmt = FORMATS[kv_quant]
+    k_parts, v_parts = (fmt.parts(payload[:, :, :, i], meta[:, :, :, i]) for i in (0, 1))  # each [B, Hkv, tiles, *C, L]
+    live_original = original_pos >= 0  # [B, Hkv, N]
+    live_quantized = quantized_pos.unflatten(-1, (tiles, lanes)) >= 0  # [B, Hkv, tiles, L]
+    qg = q.view(B, n_kv_heads, G, D).float()  # [B, Hkv, G, D]
+    scores = scores_against(qg, kv_original[:, :, :, 0]).mul(D**-0.5).masked_fill(~live_original[:, :, None], -torch.inf)
+    tile_scores_ = tile_scores(fmt.split(qg), k_parts).mul(D**-0.5).masked_fill(~live_quantized[:, :, None], -torch.inf)
+    # one softmax over both regions, the Quantized one kept as tiles [B, Hkv, G, tiles, L]
+    top = scores.amax(-1, keepdim=True)  # [B, Hkv, G, 1]
+    if tiles:  # a static size: 0 without a Quantized region
+        top = torch.maximum(top, tile_scores_.amax((-2, -1))[..., None])
+    original_exp, tile_exp = (scores - top).exp(), (tile_scores_ - top[..., None]).exp()
+    total = original_exp.sum(-1, keepdim=True) + tile_exp.sum((-2, -1))[..., None]  # [B, Hkv, G, 1]
+    y = weighted_sum(original_exp, torch.where(live_original[..., None], kv_original[:, :, :, 1].float(), 0.0))
+    ones = [1] * (v_parts[0].dim() - 4)
+    live_lanes = live_quantized.view(*live_quantized.shape[:3], *ones, lanes)  # [B, Hkv, tiles, 1..., L]
+    # garbage bytes of dead slots -> 0 (0 * NaN would be NaN)
+    y = y + fmt.merge([tile_weighted_sum(tile_exp, torch.where(live_lanes, v, 0.0)) for v in v_parts])  # [B, Hkv, G, D]
+    y = y / total
+    probs = torch.cat([original_exp / total, (tile_exp / total[..., None]).flatten(-2)], dim=-1)  # [B, Hkv, G, N + M]
+    return y.to(q.dtype).view(B, H, 1, D), probs
+
+
+def tile_scores(q_parts: tuple[Tensor, ...], key_parts: tuple[Tensor, ...]) -> Tensor:
+    """sum_c q_c k_tc over a format's channel blocks: q parts [B, Hkv, G, *C], key parts of tiles of
+    L tokens [B, Hkv, n, *C, L] -> [B, Hkv, G, n, L]. Compiled: the products summed over the
+    channels, vectorised along each tile's L tokens (no horizontal sum per token), one sum per query
+    head of the GQA group: sums over the same loops, which the compiler runs as one loop that
+    dequantizes each key once for the G heads (one [G, ...] sum would dequantize it G times). The
+    blocks' products are added pairwise, not with `sum()`, whose 0 + ... the compiler keeps as one
+    more vector add per key. Eager: a matmul per block (`scores_against`)."""
+    if torch.compiler.is_compiling():
+        per_head = []
+        for g in range(q_parts[0].shape[2]):
+            products = (q_part[:, :, g, None, ..., None] * key_part for q_part, key_part in zip(q_parts, key_parts))
+            product = functools.reduce(operator.add, products)  # [B, Hkv, n, *C, L]
+            per_head.append(product.sum(tuple(range(3, product.dim() - 1))))  # [B, Hkv, n, L]
+        return torch.stack(per_head, dim=2)
+    lanes = key_parts[0].shape[-1]
+    scores = sum(scores_against(q_part, lanes_to_slots(key_part)) for q_part, key_part in zip(q_parts, key_parts))
+    return scores.unflatten(-1, (-1, lanes))  # [B, Hkv, G, n, L]
+
+
+def tile_weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
+    """sum_t p_t v_tc for one channel block: probs [B, Hkv, G, n, L], values of tiles of L tokens
+    [B, Hkv, n, *C, L] -> [B, Hkv, G, *C]; compiled and eager as `tile_scores` (a sum per query head)."""
+    if torch.compiler.is_compiling():
+        p = probs.view(*probs.shape[:4], *[1] * (values.dim() - 4), probs.shape[-1])  # [B, Hkv, G, n, 1..., L]
+        return torch.stack([(p[:, :, g] * values).sum((2, -1)) for g in range(probs.shape[2])], dim=2)
+    return weighted_sum(probs.flatten(-2), lanes_to_slots(values))
+
 
 try:
     import triton
@@ -132,8 +264,9 @@ if triton is not None:
 def tristate_attention(q: Tensor, kv_original: Tensor, original_pos: Tensor, payload: Tensor, meta: Tensor,
                        quantized_pos: Tensor, kv_quant: str, original_slots: Tensor, quantized_first: Tensor,
                        split: int = 256, block: int = 32) -> tuple[Tensor, Tensor]:
-    """Triton twin of `arkv.mixed_precision_attention` (same arguments and results). Only the
-    Original slots [0, original_slots) and the Quantized slots [quantized_first, M) are read.
+    """Triton twin of `mixed_precision_attention` (same arguments and results, plus each batch
+    row's bounds). Only the Original slots [0, original_slots) and the Quantized slots
+    [quantized_first, M) are read.
 
     q [B, H, 1, D]; kv_original [B, Hkv, N, 2, D]; payload [B, Hkv, M / L, 2, P, L] uint8 and meta
     [B, Hkv, M / L, 2, m, L] (tiles of L slots, views of the arena, any strides); original_pos

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import arkv
-from arkv import ARKV, TILE, ARKVConfig, FORMATS, METHODS, OQ_POLICIES
+import kv_arena
+from arkv import ARKV, ARKVConfig, METHODS, OQ_POLICIES
+from kv_arena import FORMATS, TILE
 from conftest import random_model
 from model import ModelArgs, Transformer, full_cache
 
@@ -160,9 +162,9 @@ def test_quantized_bytes_accounting(name):
     D = 64
     payload, meta = fmt.quantize(torch.randn(3, 2, D))
     per_token = 2 * payload.shape[-1] * payload.element_size() + 2 * meta.shape[-1] * meta.element_size()
-    assert arkv.bytes_per_token(fmt, D, None) == per_token == expected_quantized_bytes(name, D)
+    assert kv_arena.bytes_per_token(fmt, D, None) == per_token == expected_quantized_bytes(name, D)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert arkv.bytes_per_token(fmt, D, dtype) == 2 * D * dtype.itemsize
+        assert kv_arena.bytes_per_token(fmt, D, dtype) == 2 * D * dtype.itemsize
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -188,11 +190,11 @@ def test_int4_round_trip_exact_on_representable_values(data):
     x = x64.float()
     assume(torch.equal(x.double(), x64))  # exactly representable in float32
     x = x.view(rows, D)
-    payload, meta = arkv.Int4.quantize(x)
+    payload, meta = kv_arena.Int4.quantize(x)
     assert payload.dtype == torch.uint8 and payload.shape == (rows, D // 2)
     scale, zero = meta.float().view(n_groups, 2).unbind(-1)
     assert torch.equal(scale.double(), s) and torch.equal(zero.double(), z), "meta must be (scale, zero) per group"
-    assert torch.equal(arkv.Int4.dequantize(payload, meta), x)
+    assert torch.equal(kv_arena.Int4.dequantize(payload, meta), x)
     # packing: byte j of a group holds its element j in the low nibble, j + 16 in the high one
     codes = q.view(rows, D // 32, 32)
     assert torch.equal(payload, (codes[..., :16] | (codes[..., 16:] << 4)).flatten(1).to(torch.uint8))
@@ -268,7 +270,7 @@ def check_state(cache, config: ARKVConfig, seen: int, prompt_len: int, dtype: to
     slots = cache.slots
     N, W = config.kv_budget, config.window
     bo, bq = 2 * head_dim * dtype.itemsize, expected_quantized_bytes(config.kv_quant, head_dim)
-    assert (slots.bytes_original, slots.bytes_quantized, slots.kv_budget) == (bo, bq, N)
+    assert (slots.bytes_original, slots.bytes_quantized, slots.arena_tokens) == (bo, bq, N)
     M = N * bo // (TILE * bq) * TILE  # whole tiles of TILE slots
     assert slots.quantized_slots == M
     assert cache.o_pos.shape[-1] == N and cache.q_pos.shape[-1] == M
@@ -649,6 +651,6 @@ def test_layer_statistics_match_plain_python(seed, window, extra, sharp):
                     if var > 0:
                         kurtoses.append(sum((x - mean) ** 4 for x in column) / window / var**2)
     expected = (sum(entropies) / len(entropies), sum(variances) / len(variances), sum(kurtoses) / len(kurtoses))
-    got = arkv.layer_statistics(probs, before.expand(B, Hkv, T))
+    got = arkv.statistic_means(arkv.layer_moments(probs, before.expand(B, Hkv, T)))
     for name, a, e in zip(("entropy", "variance", "kurtosis"), got, expected):
         assert math.isclose(a, e, rel_tol=1e-4, abs_tol=1e-12), f"{name}: {a} vs {e}"

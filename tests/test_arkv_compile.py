@@ -3,10 +3,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from arkv import ARKV, FORMATS, ARKVConfig, mixed_precision_attention
+from arkv import ARKV, ARKVConfig
+from decode_kernels import mixed_precision_attention
+from kv_arena import FORMATS
 from generate import compile_decode_step, decode_one_token, generate
 from model import ModelArgs, Transformer
-from test_kernels import filled_cache
+from test_decode_kernels import filled_cache
 
 ARGS = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_heads=2, head_dim=64, intermediate_size=192, vocab_size=256,
                  max_seq_len=512)
@@ -54,10 +56,10 @@ def masked_full_scan(q: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor
     return torch.einsum("bhgt,bhtd->bhgd", probs, kv[:, :, :, 1]).reshape(B, H, 1, D), probs
 
 
-def test_compiled_attention_reads_only_usable_slots_with_one_graph_for_every_split():
-    """The twin reads only the Quantized slots [q_first, M), with q_first read from its tensor:
-    eager and compiled equal the masked full scan for every split, from all Original to nearly
-    all Quantized, and the compiled function never recompiles."""
+def test_compiled_attention_one_graph_for_every_split():
+    """Eager and compiled mixed-precision attention equal the masked full scan for every
+    Original:Quantized split, from all Original to nearly all Quantized, and the compiled function
+    never recompiles (the split is data, not a shape)."""
     compiled = torch.compile(mixed_precision_attention, fullgraph=True)
     torch._dynamo.reset()
     counters.clear()
@@ -68,7 +70,7 @@ def test_compiled_attention_reads_only_usable_slots_with_one_graph_for_every_spl
         splits.add((int(cache.o_capacity[0]), int(cache.q_first[0])))
         q = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(seed))
         payload, meta = cache.tile_views()
-        args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, "int4", cache.o_capacity, cache.q_first)
+        args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, "int4")
         y_oracle, probs_oracle = masked_full_scan(q, cache)
         for attention in (mixed_precision_attention, compiled):
             y, probs = attention(*args)

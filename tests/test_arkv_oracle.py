@@ -25,7 +25,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import arkv
-from arkv import ARKV, TILE, ARKVConfig, SlotGeometry
+import kv_arena
+from arkv import ARKV, RULES, ARKVConfig
+from kv_arena import TILE, SlotGeometry
 from model import ModelArgs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +62,7 @@ def layer_share(manager: ARKV, layer: int) -> float:
 
 def quantize_round_trip(kv_quant: str, kv: torch.Tensor) -> torch.Tensor:
     """kv [..., D] float32 -> its value after storage in the format (float64)."""
-    fmt = arkv.FORMATS[kv_quant]
+    fmt = kv_arena.FORMATS[kv_quant]
     return fmt.dequantize(*fmt.quantize(kv)).double()
 
 
@@ -332,7 +334,7 @@ def head_dim_for(kv_quant: str) -> int:
 @st.composite
 def scenarios(draw, max_layers: int = 3):
     method = draw(st.sampled_from(arkv.METHODS))
-    kv_quant = draw(st.sampled_from(sorted(arkv.FORMATS)))
+    kv_quant = draw(st.sampled_from(sorted(kv_arena.FORMATS)))
     window = draw(st.integers(1, 8))
     kv_budget = window + (SINKS if method == "streaming" else 0) + draw(st.integers(0, 16))
     prompt_len = draw(st.integers(2, kv_budget + 40))
@@ -420,7 +422,7 @@ def test_higher_layer_statistic_gets_larger_original_share(component, policy):
     slots = SlotGeometry(64, 8, 512, 80)
     seq_len = 200
     scores = [arkv.oq_score(tuple(base), config.tau), arkv.oq_score(tuple(raised), config.tau)]
-    shares = arkv.original_shares(scores, config, seq_len, slots)
+    shares = RULES[config.method].original_shares(scores, config, seq_len, slots)
     layer_scores = [ref_layer_score(tuple(base)), ref_layer_score(tuple(raised))]
     expected = ref_shares(layer_scores, "arkv", policy, 64, 8, seq_len, 512, 80)
     assert math.isclose(shares[0] / shares[1], 2 ** (-1 / TAU[component]), rel_tol=1e-9)
@@ -432,7 +434,7 @@ def test_higher_layer_statistic_gets_larger_original_share(component, policy):
 def test_baseline_shares(method, share):
     """evict, streaming, h2o keep Original only (rho 1); quant keeps only the window Original (rho 0)."""
     config = ARKVConfig(kv_budget=40, window=8, method=method, kv_quant="int8")
-    assert arkv.original_shares([0.5, 2.0], config, 300, SlotGeometry(40, 8, 128, 40)) == [share, share]
+    assert RULES[config.method].original_shares([0.5, 2.0], config, 300, SlotGeometry(40, 8, 128, 40)) == [share, share]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arkv import ARKV, ARKVConfig, FORMATS
+from arkv import ARKV, ARKVConfig
+from kv_arena import FORMATS
 from model import KVCache, full_cache
 from test_arkv import tiny_model
 from test_model import converted
@@ -195,8 +196,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 def test_triton_kernel_reads_each_rows_own_bounds(kv_quant):
     """A stacked cache whose rows have different capacities (o_capacity, q_first per row): the Triton kernel
     (interpreted on the CPU) equals its PyTorch twin, which reads every slot a row may hold."""
-    import kernels
-    from arkv import mixed_precision_attention
+    import decode_kernels as kernels
+    from decode_kernels import mixed_precision_attention
 
     if not kernels.available():
         pytest.skip("Triton is not installed")
@@ -209,8 +210,8 @@ def test_triton_kernel_reads_each_rows_own_bounds(kv_quant):
     assert kv_quant != "int4" or len(set(cache.o_capacity.tolist())) == 3  # int4 leaves bytes for upgrades
     q = torch.randn(3, 4, 1, 64, generator=torch.Generator().manual_seed(7))
     payload, meta = cache.tile_views()
-    args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, kv_quant, cache.o_capacity, cache.q_first)
-    y, probs = kernels.tristate_attention(*args, split=32, block=16)
+    args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, kv_quant)
+    y, probs = kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=32, block=16)
     y_twin, probs_twin = mixed_precision_attention(*args)
     torch.testing.assert_close(y, y_twin, atol=1e-5, rtol=0)
     torch.testing.assert_close(probs, probs_twin, atol=1e-5, rtol=0)

@@ -5,8 +5,10 @@ the kernel reads exactly the bytes the decode step would hand it."""
 import pytest
 import torch
 
-import kernels
-from arkv import TILE, ARKVCache, ARKVConfig, FORMATS, SlotGeometry, bytes_per_token, mixed_precision_attention
+import decode_kernels as kernels
+from arkv import ARKVCache, ARKVConfig
+from decode_kernels import mixed_precision_attention
+from kv_arena import FORMATS, TILE, SlotGeometry, bytes_per_token
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -40,10 +42,9 @@ def filled_cache(kv_quant, dtype, batch, n_kv_heads, head_dim, kv_budget, window
 def compare(cache: ARKVCache, n_head: int, dtype, atol: float, split: int = 64, block: int = 16, quantized=True):
     q = torch.randn(cache.arena.shape[0], n_head, 1, cache.head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
     payload, meta = cache.tile_views(empty=not quantized)
-    args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos[..., :payload.shape[2] * TILE], cache.config.kv_quant,
-            cache.o_capacity, cache.q_first)
+    args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos[..., :payload.shape[2] * TILE], cache.config.kv_quant)
     y_twin, probs_twin = mixed_precision_attention(*args)
-    y, probs = kernels.tristate_attention(*args, split=split, block=block)
+    y, probs = kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=split, block=block)
     assert y.dtype == y_twin.dtype and probs.shape == probs_twin.shape
     torch.testing.assert_close(y.float(), y_twin.float(), atol=atol, rtol=0)
     torch.testing.assert_close(probs, probs_twin, atol=atol, rtol=0)

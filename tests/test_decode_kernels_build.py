@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from arkv import ARKV, ARKVConfig, FORMATS
+import decode_kernels as kernels
+from arkv import ARKV, ARKVConfig
+from kv_arena import FORMATS
 from model import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def main():
 @pytest.fixture(scope="module")
 def builds() -> dict:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = "import sys; sys.path[:0] = ['.', 'tests']; import test_kernels_build; test_kernels_build.main()"
+    code = "import sys; sys.path[:0] = ['.', 'tests']; import test_decode_kernels_build; test_decode_kernels_build.main()"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.splitlines()[-1])

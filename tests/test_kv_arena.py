@@ -1,5 +1,5 @@
 """The quantization formats on numbers that could break the cache: the whole float32 range
-(+-3.4e38, subnormals), +-inf and NaN in K/V (arkv.py, "Numbers that cannot break the cache").
+(+-3.4e38, subnormals), +-inf and NaN in K/V (kv_arena.py, "Numbers that cannot break the cache").
 
 Oracles are the rules themselves, computed here in float64 from the stored metadata:
 - a row is one token's K (or V) in one KV head (int8, fp8) or one group of 32 channels of it
@@ -8,7 +8,7 @@ Oracles are the rules themselves, computed here in float64 from the stored metad
 - finite values of a NaN-free row keep the format's error bound, saturating past its range;
 - +inf reads back as its row's largest read-back value, -inf as its smallest;
 - changing one element changes no other row's bytes;
-- in decode attention (`arkv.mixed_precision_attention`), a NaN, infinite or huge token in one KV
+- in decode attention (`decode_kernels.mixed_precision_attention`), a NaN, infinite or huge token in one KV
   head leaves the other heads' outputs and probabilities bit for bit those of the clean cache; a
   NaN turns the same query heads NaN as in a full-precision cache, +-inf none.
 """
@@ -19,7 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from arkv import FORMATS, mixed_precision_attention
+from decode_kernels import mixed_precision_attention
+from kv_arena import FORMATS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
