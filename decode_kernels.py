@@ -170,7 +170,7 @@ if triton is not None:
         """One K (or V) block [BLOCK_N, BLOCK_D] as float32, dequantized by FORMAT. Byte (or Original
         value) c of a slot lies at slot_offset + half_offset + c * channel_stride, its metadata value
         e at meta_slot_offset + meta_half_offset + e * meta_stride (a tile puts its slots side by
-        side: `arkv.tile_layout`).
+        side: `kv_arena.tile_layout`).
 
         fp8 e4m3: sign s, exponent e (4 bits, bias 7), mantissa m (3 bits):
         (-1)^s (1 + m/8) 2^(e-7), or m 2^-9 when e = 0 (OCP FP8 spec); times the token's scale.

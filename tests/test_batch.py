@@ -196,10 +196,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 def test_triton_kernel_reads_each_rows_own_bounds(kv_quant):
     """A stacked cache whose rows have different capacities (o_capacity, q_first per row): the Triton kernel
     (interpreted on the CPU) equals its PyTorch twin, which reads every slot a row may hold."""
-    import decode_kernels as kernels
+    import decode_kernels
     from decode_kernels import mixed_precision_attention
 
-    if not kernels.available():
+    if not decode_kernels.available():
         pytest.skip("Triton is not installed")
     model = tiny_model(4, 2, 64, seed=5)
     rows = rows_of_tokens(model.args.vocab_size, seed=6, lengths=(40, 70, 55))
@@ -211,7 +211,7 @@ def test_triton_kernel_reads_each_rows_own_bounds(kv_quant):
     q = torch.randn(3, 4, 1, 64, generator=torch.Generator().manual_seed(7))
     payload, meta = cache.tile_views()
     args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos, kv_quant)
-    y, probs = kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=32, block=16)
+    y, probs = decode_kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=32, block=16)
     y_twin, probs_twin = mixed_precision_attention(*args)
     torch.testing.assert_close(y, y_twin, atol=1e-5, rtol=0)
     torch.testing.assert_close(probs, probs_twin, atol=1e-5, rtol=0)

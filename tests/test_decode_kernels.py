@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import ROOT
 
-import decode_kernels as kernels
+import decode_kernels
 from arkv import ARKVCache, ARKVConfig
 from decode_kernels import mixed_precision_attention
 from kv_arena import FORMATS, TILE, SlotGeometry, bytes_per_token
 
-needs_triton = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not decode_kernels.available(), reason="triton is not installed")
 
 
 def filled_cache(kv_quant, dtype, batch, n_kv_heads, head_dim, kv_budget, window, rho, live_original, live_quantized,
@@ -74,7 +74,7 @@ def test_attention_equals_float64_reference(kv_quant, attention):
     if attention == "torch":
         y, probs = mixed_precision_attention(*args)
     else:
-        y, probs = kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=32, block=16)
+        y, probs = decode_kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=32, block=16)
     y_ref, probs_ref = float64_attention(q, cache)
     assert (probs_ref[..., cache.slots.arena_tokens:] > 0).any()  # the Quantized slots take part
     torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=0)
@@ -100,7 +100,7 @@ def compare(cache: ARKVCache, n_head: int, dtype, atol: float, split: int = 64, 
     payload, meta = cache.tile_views(empty=not quantized)
     args = (q, cache.original_view(), cache.o_pos, payload, meta, cache.q_pos[..., :payload.shape[2] * TILE], cache.config.kv_quant)
     y_twin, probs_twin = mixed_precision_attention(*args)
-    y, probs = kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=split, block=block)
+    y, probs = decode_kernels.tristate_attention(*args, cache.o_capacity, cache.q_first, split=split, block=block)
     assert y.dtype == y_twin.dtype and probs.shape == probs_twin.shape
     torch.testing.assert_close(y.float(), y_twin.float(), atol=atol, rtol=0)
     torch.testing.assert_close(probs, probs_twin, atol=atol, rtol=0)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import decode_kernels as kernels
+import decode_kernels
 from arkv import ARKV, ARKVConfig
 from kv_arena import FORMATS
 from model import ModelArgs
@@ -34,13 +34,13 @@ from model import ModelArgs
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARCHS = (80, 90)
-FORMAT_NAMES = {code: name for name, code in kernels.FORMAT_CODES.items()}
+FORMAT_NAMES = {code: name for name, code in decode_kernels.FORMAT_CODES.items()}
 TRITON_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8"}
 
 
 def ptxas_missing() -> str | None:
     """Why no build can run here, or None."""
-    if not kernels.available():
+    if not decode_kernels.available():
         return "triton is not installed"
     from triton import knobs
     from triton.backends import backends
@@ -72,14 +72,14 @@ def recorded_launches(dtype: torch.dtype) -> list[tuple[tuple, dict]]:
                     launches.append((call_args, constexprs))
             return launch
 
-    real, kernels._tristate_attention_kernel = kernels._tristate_attention_kernel, Recorder()
+    real, decode_kernels._tristate_attention_kernel = decode_kernels._tristate_attention_kernel, Recorder()
     try:
         for kv_quant in ("fp8", "int8", "int4"):
             manager = ARKV(ARKVConfig(kv_budget=64, window=8, kv_quant=kv_quant, attention="triton"), args, dtype)
             cache = manager.cache_factory(0, args, 1, 128, dtype)
             cache.attend(torch.zeros(1, args.n_head, 1, args.head_dim, dtype=dtype))
     finally:
-        kernels._tristate_attention_kernel = real
+        decode_kernels._tristate_attention_kernel = real
     return launches
 
 
@@ -108,7 +108,7 @@ def main():
     """Subprocess entry (no TRITON_INTERPRET): build the matrix, print one JSON line."""
     from triton.runtime.jit import JITFunction
 
-    kernel = kernels._tristate_attention_kernel
+    kernel = decode_kernels._tristate_attention_kernel
     assert isinstance(kernel, JITFunction), "run without TRITON_INTERPRET"
     results = []
     for dtype_name, dtype in DTYPES.items():
@@ -142,7 +142,7 @@ def test_every_kernel_is_built(builds):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("fmt", list(kernels.FORMAT_CODES))
+@pytest.mark.parametrize("fmt", list(decode_kernels.FORMAT_CODES))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_tristate_attention_builds(builds, dtype, fmt, arch):
     [result] = [r for r in builds["results"]
