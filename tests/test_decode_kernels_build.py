@@ -120,7 +120,7 @@ def main():
                 except Exception as err:  # reported per build by the test that reads it
                     result["error"] = f"{type(err).__name__}: {err}"[-3000:]
                 results.append(result)
-    jit_functions = {name: value.src for name, value in vars(kernels).items() if isinstance(value, JITFunction)}
+    jit_functions = {name: value.src for name, value in vars(decode_kernels).items() if isinstance(value, JITFunction)}
     print(json.dumps(dict(results=results, jit_functions=jit_functions)))
 
 
