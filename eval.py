@@ -56,9 +56,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from arkv import ARKV, ARKVConfig, FORMATS, OQ_POLICIES, bytes_per_token, decode_family, window_pending
-from generate import (DTYPES, CheckpointError, OneLineParser, compile_decode_step, decode_one_token, default_checkpoint,
-                      kv_budget, load_model, pool_kernel, positive_int, resolve_attention, resolve_device)
+from arkv import ARKV, ARKVConfig, OQ_POLICIES, decode_family, window_pending
+from checkpoint import load_model
+from convert import default_checkpoint
+from generate import (DTYPES, FlagError, OneLineParser, budget_tokens, compile_decode_step, decode_one_token, kv_budget,
+                      kv_budget_text, pool_kernel, positive_int, resolve_attention, resolve_device)
+from kv_arena import FORMATS, bytes_per_token
 from model import KVCache, full_cache
 from tasks import FAMILIES, LONGBENCH_METRICS, Sample, load_gsm8k, load_longbench, score, synthetic_sample
 from tokenizer import load_tokenizer
@@ -105,9 +108,8 @@ def task_spec(text: str) -> str:
 
 
 def budget_label(budget: int | float | None) -> str:
-    if budget is None:
-        return "-"
-    return f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
+    """'25%', '512', or '-' for the full cache."""
+    return "-" if budget is None else kv_budget_text(budget)
 
 
 @dataclass(eq=False)
@@ -155,9 +157,9 @@ def load_samples(opts, tokenizer) -> list[tuple[str, int, Sample]]:
         try:
             haystack = opts.haystack_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"--haystack-file {opts.haystack_file}: {err}") from None
+            raise FlagError(f"--haystack-file {opts.haystack_file}: {err}") from None
         if not haystack.strip():
-            raise CheckpointError(f"--haystack-file {opts.haystack_file}: the file is empty")
+            raise FlagError(f"--haystack-file {opts.haystack_file}: the file is empty")
     out = []
     for task in opts.tasks:
         if task in FAMILIES:
@@ -166,7 +168,7 @@ def load_samples(opts, tokenizer) -> list[tuple[str, int, Sample]]:
                 samples = [synthetic_sample(task, tokenizer, opts.context, depth, random.Random(f"{opts.seed}:{task}:{i}"),
                                             haystack) for i, depth in enumerate(depths)]
             except ValueError as err:
-                raise CheckpointError(f"--context {opts.context}: {task}: {err}") from None
+                raise FlagError(f"--context {opts.context}: {task}: {err}") from None
         elif task == "gsm8k":
             samples = guarded("--gsm8k-file", load_gsm8k, opts.gsm8k_file, opts.gsm8k_shots, opts.limit, opts.seed)
         else:
@@ -181,7 +183,7 @@ def guarded(flag: str, loader, path: Path, *args):
     try:
         return loader(path, *args)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{flag} {path}: {err}") from None
+        raise FlagError(f"{flag} {path}: {err}") from None
 
 
 # ---------------------------------------------------------------- one prefill per sample
@@ -262,7 +264,7 @@ def prepare_row(model, row: Row, record: tuple[list[dict], Tensor], attention: s
     the budget only, and ARKV reads the sequence length from the size."""
     prompt, device = row.prompt, model.tok_embeddings.weight.device
     pendings, logits = record
-    tokens_budget = None if row.budget is None else budget_tokens(row.budget, prompt.length, notes)
+    tokens_budget = None if row.budget is None else min_budget_tokens(row.budget, prompt.length, notes)
     config = None if row.budget is None else arkv_config(row.method, tokens_budget, attention, pool_kernel)
     manager = load_prefill(model, pendings, prompt.length + prompt.max_new_tokens if config else cache_len, config,
                            kv_dtype)
@@ -352,9 +354,10 @@ def arkv_config(method: Method, budget: int, attention: str, pool_kernel: int = 
                       kv_quant=method.kv_quant, attention=attention, pool_kernel=pool_kernel)
 
 
-def budget_tokens(budget: int | float, prompt_len: int, notes: set) -> int:
-    """Tokens of a budget for one prompt, raised to MIN_BUDGET (with a note, once per budget)."""
-    tokens = budget if isinstance(budget, int) else round(budget * prompt_len)
+def min_budget_tokens(budget: int | float, prompt_len: int, notes: set) -> int:
+    """Tokens of a budget for one prompt (`generate.budget_tokens`), raised to MIN_BUDGET (with a
+    note, once per budget)."""
+    tokens = budget_tokens(budget, prompt_len)
     if tokens < MIN_BUDGET and budget not in notes:
         notes.add(budget)
         tqdm.write(f"note: budget {budget_label(budget)} is {tokens} tokens of a {prompt_len}-token prompt; raised to "
@@ -542,7 +545,7 @@ def main(argv: list[str] | None = None):
             sys.exit("eval.py: plot.png needs matplotlib: pip install matplotlib (or pass --no-plot)")
     try:
         run(opts, argv)
-    except (CheckpointError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # FlagError, checkpoint.CheckpointError
         sys.exit(f"eval.py: {err}")
 
 
@@ -568,8 +571,8 @@ def open_results(opts, settings: dict) -> dict[tuple, dict]:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     if not opts.resume:
         if results.exists() and results.stat().st_size:
-            raise CheckpointError(f"--out-dir {opts.out_dir}: results.jsonl exists; pass --resume to continue it, or "
-                                  "choose another --out-dir")
+            raise FlagError(f"--out-dir {opts.out_dir}: results.jsonl exists; pass --resume to continue it, or "
+                            "choose another --out-dir")
         run_file.write_text(json.dumps(settings, indent=1))
         results.write_text("")
         return {}
@@ -579,8 +582,8 @@ def open_results(opts, settings: dict) -> dict[tuple, dict]:
         changed = [name for name in ROW_SETTINGS if saved.get(name) != settings[name]]
         if changed:
             name = changed[0]
-            raise CheckpointError(f"--resume: {opts.out_dir / 'run.json'} was run with --{name.replace('_', '-')} "
-                                  f"{saved.get(name)}, this run has {settings[name]}; rows would not be comparable")
+            raise FlagError(f"--resume: {opts.out_dir / 'run.json'} was run with --{name.replace('_', '-')} "
+                            f"{saved.get(name)}, this run has {settings[name]}; rows would not be comparable")
     run_file.write_text(json.dumps(settings, indent=1))
     rows = {}
     if results.exists():
@@ -608,17 +611,17 @@ def run(opts, argv: list[str]):
             try:
                 ARKV(arkv_config(m, MIN_BUDGET, attention, opts.pool_kernel), model.args, kv_dtype)
             except ValueError as err:
-                raise CheckpointError(f"--methods {m.spec}: {err}") from None
+                raise FlagError(f"--methods {m.spec}: {err}") from None
     prompts = []
     for task, index, sample in load_samples(opts, tokenizer):
         context_ids, question_ids = split_ids(tokenizer, sample)
         max_new = min(sample.max_new_tokens, opts.max_new_tokens or sample.max_new_tokens)
         if len(context_ids) + len(question_ids) + max_new > model.args.max_seq_len:
-            raise CheckpointError(f"--context {opts.context}: {task} sample {index} needs {len(context_ids)} + "
-                                  f"{len(question_ids)} + {max_new} tokens; the model context is {model.args.max_seq_len}")
+            raise FlagError(f"--context {opts.context}: {task} sample {index} needs {len(context_ids)} + "
+                            f"{len(question_ids)} + {max_new} tokens; the model context is {model.args.max_seq_len}")
         prompts.append(Prompt(task, index, sample, context_ids, question_ids, max_new))
     cache_len = max(p.length + p.max_new_tokens for p in prompts)
-    longest = max(p.length for p in prompts)  # a budget's arenas hold budget_tokens(budget, longest)
+    longest = max(p.length for p in prompts)  # a budget's arenas hold min_budget_tokens(budget, longest)
     settings = {name: getattr(opts, name) for name in ROW_SETTINGS if name not in ("dtype", "kv_dtype")}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
     settings.update(checkpoint=str(checkpoint), dtype=str(dtype).removeprefix("torch."),
@@ -662,7 +665,7 @@ def run(opts, argv: list[str]):
                 # one method and mode per batch where the rows allow: a batch reads the largest Quantized
                 # region among its rows, which an eviction-only row beside quantizing ones would pay for
                 group_rows.sort(key=lambda row: (group_methods.index(row.method), row.mode))
-                arena = None if budget is None else budget_tokens(budget, longest, notes)
+                arena = None if budget is None else min_budget_tokens(budget, longest, notes)
                 for b in range(0, len(group_rows), opts.batch_size):
                     batch = group_rows[b:b + opts.batch_size]
                     prepared = [prepare_row(model, row, records[row.prompt][row.mode], attention, kv_dtype, cache_len,

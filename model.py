@@ -17,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from decode_kernels import decode_attention
+from quantize import Int4Linear, Int8Linear, decode_rows, matvec
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 WEIGHT_QUANT = ("none", "int8", "int4")
 
@@ -36,7 +39,7 @@ class ModelArgs:
     qk_norm: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048
-    weight_quant: str = "none"  # "int8" / "int4": weight-only projections (`Int8Linear`, `Int4Linear`; convert.py)
+    weight_quant: str = "none"  # "int8" / "int4": weight-only projections (quantize.py; convert.py --quantize)
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -266,79 +269,6 @@ class Linear(nn.Linear):
         return matvec(x, self.weight) if decode_rows(x) else F.linear(x, self.weight)
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8, per output channel (gpt-fast's quantize.py): W ~ W_q s[:, None] with W_q int8
-    [out, in] and s float32 [out], so y = (x W_q^T) s. A decode step reads a quarter of float32's
-    weight bytes: compiled on the CPU, `matvec` converts each int8 weight as it streams past; else
-    the weight is cast to x's dtype first (which the compiler fuses on CUDA)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        product = matvec(x, self.weight) if decode_rows(x) else F.linear(x, self.weight.to(x.dtype))
-        return product * self.scales.to(x.dtype)
-
-
-class Int4Linear(nn.Module):
-    """Weight-only int4, asymmetric per group of 32 input channels (gpt-fast's int4): W ~ q s + z with
-    codes q in [0, 15], two per byte (byte j of a group: channel j low, j + 16 high, as arkv.Int4
-    packs K/V), s and z float32 [out, in / 32]; an input size that is not a multiple of 32 is
-    padded with zero columns (`convert.quantize_int4`). A decode step reads about an eighth of
-    float32's weight bytes: compiled on the CPU, `int4_matvec` unpacks each byte as it streams
-    past; else the weight is dequantized to x's dtype first."""
-    group = 32
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        padded = -(-in_features // self.group) * self.group
-        self.in_features = in_features
-        self.register_buffer("weight", torch.empty(out_features, padded // 2, dtype=torch.uint8))
-        self.register_buffer("scales", torch.empty(out_features, padded // self.group))
-        self.register_buffer("zeros", torch.empty(out_features, padded // self.group))
-
-    def forward(self, x: Tensor) -> Tensor:
-        padding = 2 * self.weight.shape[1] - self.in_features
-        if padding:
-            x = F.pad(x, (0, padding))  # [..., in padded]
-        if decode_rows(x):
-            return int4_matvec(x, self.weight, self.scales, self.zeros)
-        return F.linear(x, self.dequantized().to(x.dtype))
-
-    def dequantized(self) -> Tensor:
-        """q s + z as float32 [out, in padded]."""
-        pairs = self.weight.unflatten(-1, (-1, self.group // 2))  # [out, in / g, g/2]
-        codes = torch.cat([pairs & 15, pairs >> 4], dim=-1).float()  # [out, in / g, g]
-        return (codes * self.scales[..., None] + self.zeros[..., None]).flatten(1)
-
-
-def decode_rows(x: Tensor) -> bool:
-    """A compiled CPU step over a few rows of x [..., in] (a decode step of up to 16 sequences)."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() <= 16
-
-
-def matvec(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., in] . weight [out, in] -> [..., out] as a product summed over `in`: compiled, one fused
-    loop that streams the weight (converted to x's dtype as it is read) at about the machine's read
-    bandwidth. Measured on a 2-core CPU, SmolLM2's 30 layers + output head, one row: 15.6 ms in
-    float32 against 37.6 ms for the matmul library's matrix-vector product, 5.5 ms from int8 weights."""
-    return (x[..., None, :] * weight.to(x.dtype)).sum(-1)  # [..., out, in] summed over in
-
-
-def int4_matvec(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
-    """x [..., in] . (q s + z)^T -> [..., out], `Int4Linear`'s packing, as a product summed over the
-    input channels (`matvec`): each byte unpacked and scaled as it is read, one fused loop.
-    weight [out, in/2] uint8; scales, zeros [out, in/32]."""
-    half = Int4Linear.group // 2
-    xg = x.unflatten(-1, (-1, 2, half))[..., None, :, :, :]  # [..., 1, in/g, 2, g/2]: low, then high channels
-    pairs = weight.unflatten(-1, (-1, half))  # [out, in/g, g/2]
-    low = (pairs & 15).to(x.dtype) * scales[..., None] + zeros[..., None]  # [out, in/g, g/2]
-    high = (pairs >> 4).to(x.dtype) * scales[..., None] + zeros[..., None]
-    return (xg[..., 0, :] * low + xg[..., 1, :] * high).sum((-2, -1))  # [..., out, in/g, g/2] summed
-
-
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (as in transformers' LlamaRMSNorm)."""
 
@@ -351,61 +281,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """One query per sequence: softmax(q k^T / sqrt(D), masked to `valid` slots) v, with GQA, in float32
-    whatever K/V are stored in (`scores_against`, `weighted_sum`).
-
-    q [B, H, 1, D]; k, v [B, Hkv, T, D]; valid [T], [B, 1, T] or [B, Hkv, T] bool. Query head h = g * G + j
-    reads KV head g (G = H / Hkv), so q is viewed as [B, Hkv, G, D] and K/V are never repeated.
-    The values are summed with the unnormalised weights exp(s - max s) and the [G, D] sum divided
-    by their total once, not each weight inside the loop over the slots (one layer after 8k tokens,
-    compiled, cold cache: 1079 -> 1013 us).
-    Returns the output [B, H, 1, D] and the probabilities [B, Hkv, G, T] (float32)."""
-    B, H, _, D = q.shape
-    n_kv_heads = k.shape[1]
-    qg = q.view(B, n_kv_heads, H // n_kv_heads, D).float()  # [B, Hkv, G, D]
-    scores = (scores_against(qg, k) * D**-0.5).masked_fill(~valid.unsqueeze(-2), -torch.inf)  # [B, Hkv, G, T]
-    exp = (scores - scores.amax(-1, keepdim=True)).exp()
-    total = exp.sum(-1, keepdim=True)  # [B, Hkv, G, 1]
-    y = weighted_sum(exp, v) / total  # [B, Hkv, G, D]
-    return y.to(q.dtype).view(B, H, 1, D), exp / total
-
-
-def scores_against(q: Tensor, keys: Tensor) -> Tensor:
-    """q [B, Hkv, G, *C] . keys [B, Hkv, T, *C] -> [B, Hkv, G, T], summed over the channels C (D, or
-    a quantized format's `parts` in arkv.py). Compiled: a product summed over the channels, which
-    the compiler fuses with the keys' conversion to float32 (a 16-bit cache's cast) and streams
-    from memory once; a matmul reads a converted float copy, written first (the full cache's
-    float32 bmm after 8k tokens took 0.75 ms per layer). One sum per query head of the GQA group:
-    sums over the same loops, which the compiler runs as one loop reading each key once for the G
-    heads (SmolLM2's attention after 8k tokens, one layer: 563 -> 526 us). Eager: a matmul (the
-    product would be G times the keys' size)."""
-    if torch.compiler.is_compiling():
-        keys = keys.float()
-        per_head = [(q[:, :, g, None] * keys).flatten(3).sum(-1) for g in range(q.shape[2])]  # G x [B, Hkv, T]
-        return torch.stack(per_head, dim=2)
-    return q.flatten(3) @ keys.float().flatten(3).transpose(-1, -2)
-
-
-def weighted_sum(probs: Tensor, values: Tensor) -> Tensor:
-    """probs [B, Hkv, G, T] . values [B, Hkv, T, *C] -> [B, Hkv, G, *C], fused as `scores_against`.
-    Compiled: one sum per query head and block of 16 channels (one AVX-512 vector of float32),
-    all over the same loop, so the compiler runs one pass over the slots that reads each value row
-    whole and adds it into G * C / 16 vector accumulators; a sum over all C channels at once was
-    compiled as one pass per block of channels, each reading a strided 64 bytes of every row (one
-    layer's attention over 8,160 float32 slots, SmolLM2: 990 -> 651 us; 2,064 slots: 278 -> 197 us)."""
-    if torch.compiler.is_compiling():
-        B, n_kv_heads, G, T = probs.shape
-        channels = math.prod(values.shape[3:])
-        width = 16 if channels % 16 == 0 else channels
-        blocks = values.float().reshape(B, n_kv_heads, T, channels // width, width)  # [B, Hkv, T, C / width, width]
-        p = probs[..., None]  # [B, Hkv, G, T, 1]
-        # G * C / width sums over T, each [B, Hkv, width]
-        sums = [(p[:, :, g] * blocks[:, :, :, c]).sum(2) for g in range(G) for c in range(channels // width)]
-        return torch.stack(sums, dim=2).view(B, n_kv_heads, G, *values.shape[3:])
-    return (probs @ values.float().flatten(3)).view(*probs.shape[:3], *values.shape[3:])
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:

@@ -11,7 +11,8 @@ import torch
 
 import eval as ev
 from arkv import ARKVConfig
-from generate import generate, load_model
+from checkpoint import load_model
+from generate import generate
 from tasks import synthetic_sample
 from tokenizer import load_tokenizer
 
@@ -49,9 +50,9 @@ def test_budgets_and_defaults():
 
 def test_budget_tokens_round_and_clamp(capsys):
     notes = set()
-    assert ev.budget_tokens(0.25, 1000, notes) == 250 and ev.budget_tokens(512, 100, notes) == 512
-    assert ev.budget_tokens(0.125, 200, notes) == 36 and "raised to 36" in capsys.readouterr().err
-    assert ev.budget_tokens(0.125, 100, notes) == 36 and capsys.readouterr().err == ""  # noted once per budget
+    assert ev.min_budget_tokens(0.25, 1000, notes) == 250 and ev.min_budget_tokens(512, 100, notes) == 512
+    assert ev.min_budget_tokens(0.125, 200, notes) == 36 and "raised to 36" in capsys.readouterr().err
+    assert ev.min_budget_tokens(0.125, 100, notes) == 36 and capsys.readouterr().err == ""  # noted once per budget
 
 
 @pytest.mark.parametrize("argv, flag", [

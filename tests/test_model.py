@@ -1,4 +1,4 @@
-"""model.py + convert.py + generate.py's loader against independent oracles.
+"""model.py + convert.py + checkpoint.py's loader against independent oracles.
 
 Oracles: transformers' Llama/Qwen3 built in-process from tiny random configs, transformers loading
 the real SmolLM2 GGUF, and llama2.c's published greedy output of stories260K."""
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import asset, smollm2_gguf
+from checkpoint import load_model
 from convert import convert_hf
-from generate import generate, load_model
+from generate import generate
 from model import ModelArgs
 
 transformers = pytest.importorskip("transformers")
@@ -167,7 +168,7 @@ def test_compiled_decode_equals_eager_without_recompiling(tmp_path):
 def test_compiled_decode_attention_equals_eager(kv_dtype):
     """The compiled decode attention (a sum per query head of the GQA group) equals eager's matmuls,
     for every head of a 3-head group, rows with their own valid slots, and a 16-bit cache."""
-    from model import decode_attention
+    from decode_kernels import decode_attention
 
     torch.manual_seed(0)
     B, n_kv_heads, G, T, D = 2, 2, 3, 70, 64

@@ -20,7 +20,7 @@ import tp
 from arkv import ARKV, ARKVConfig
 from conftest import random_model
 from model import ModelArgs, Transformer, full_cache
-from test_cli import run_main, write_tiny_checkpoint
+from test_checkpoint import run_main, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 48, 20

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 (`convert.py --quantize`, `model.Int8Linear`, `model.Int4Linear`) against independent oracles:
+"""Weight-only int8 and int4 (quantize.py, `convert.py --quantize`) against independent oracles:
 exact arithmetic for the quantizer's bound, a plain dequantized float32 matmul for the kernel, and
 the float model it came from (tiny random Llama / Qwen3, and SmolLM2) end to end."""
 import pytest
@@ -6,9 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convert import ConversionError, convert_hf, quantize_int4, quantize_int8, requantize
-from generate import generate, load_model, main as generate_main
-from model import Int4Linear, Int8Linear
+from checkpoint import CheckpointError, load_model
+from convert import convert_hf, requantize
+from generate import generate, main as generate_main
+from quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -120,7 +121,7 @@ def test_quantizing_twice_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     convert_hf(tmp_path / "hf", tmp_path / "float")
     requantize(tmp_path / "float", tmp_path / "int8", "int8")
-    with pytest.raises(ConversionError, match="already quantized"):
+    with pytest.raises(CheckpointError, match="already quantized"):
         requantize(tmp_path / "int8", tmp_path / "again", "int8")
 
 
@@ -150,7 +151,7 @@ def test_smollm2_quantized_agrees_with_float32(smollm2_checkpoint, tmp_path, cap
 
 @pytest.mark.parametrize("weight_quant", ["none", "int8", "int4"])
 def test_compiled_decode_projections_equal_eager(tmp_path, weight_quant):
-    """A compiled decode step on the CPU multiplies by `model.matvec` / `model.int4_matvec` (a
+    """A compiled decode step on the CPU multiplies by `quantize.matvec` / `quantize.int4_matvec` (a
     product summed), eager by a matmul: the logits of one step agree within float32 round-off,
     float, int8 and int4 weights."""
     model = hf_model("llama", dict(num_key_value_heads=2, tie_word_embeddings=True))
