@@ -299,7 +299,7 @@ class ARKVCache(Arena):
         keep the chunk's K/V and the window statistics of every candidate token (held and new, by
         position, so that pooling runs along the sequence) until the manager, having seen every
         layer, assigns the three states (`ARKV.compress`)."""
-        (B, H, S, D), n_kv_heads = q.shape, k.shape[1]
+        (B, H, S, _), n_kv_heads = q.shape, k.shape[1]
         chunk_pos = input_pos.expand(B, n_kv_heads, S)
         if int(input_pos[0]) == 0:  # a new sequence: nothing held
             keys, key_pos, order = k, chunk_pos, None

@@ -238,7 +238,6 @@ def lanes_to_slots(x: Tensor) -> Tensor:
     return x.movedim(-1, 3).flatten(2, 3)
 
 
-
 @dataclass
 class SlotGeometry:
     """One arena of `arena_tokens` full-precision tokens, read as Original slots from the front and
