@@ -285,8 +285,7 @@ class ARKVCache(Arena):
         self.config, self.rule, self.pending = config, RULES[config.method], None  # pending: `prefill` -> `assign`
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        """A prefill (S > 1), or one decode step: place the new token (demoting or evicting one),
-        attend over the tri-state cache, update the slot scores with this step's attention."""
+        """A prefill (S > 1), or a decode step: place the new token, attend, update the slot scores."""
         if q.shape[2] > 1:
             return self.prefill(q, k, v, input_pos)
         self.place(torch.stack([k, v], dim=3), input_pos.view(-1, 1, 1))  # kv [B, Hkv, 1, 2, D]
@@ -407,12 +406,13 @@ class ARKV:
 
     @torch.no_grad()
     def compress(self):
-        """Per-layer Original shares from the prefill statistics (all Original where the budget holds
-        the whole sequence: output equals `full`), then every layer's tri-state assignment."""
+        """Per-layer Original shares from the prefill statistics, then every layer's tri-state assignment."""
         moments = self.reduce(torch.tensor([cache.pending["stats"] for cache in self.caches], dtype=torch.float64))  # [L, 6]
         scores = [oq_score(statistic_means(m), self.config.tau) for m in moments.tolist()]
-        rule = RULES["evict" if self.config.kv_budget >= self.max_seq_len else self.config.method]
-        self.shares = rule.original_shares(scores, self.config, self.max_seq_len, self.slots)
+        if self.config.kv_budget >= self.max_seq_len:  # the whole sequence fits: every token Original
+            self.shares = [1.0] * len(scores)
+        else:
+            self.shares = RULES[self.config.method].original_shares(scores, self.config, self.max_seq_len, self.slots)
         for cache, rho in zip(self.caches, self.shares):
             cache.assign(*self.slots.capacities(rho))
 
